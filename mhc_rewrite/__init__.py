@@ -1,0 +1,16 @@
+"""mhc_rewrite: DeepSeek's Manifold-Constrained Hyper-Connections (mHC) for any PyTorch model, by graph rewrite.
+
+    model = mhc_rewrite.convert(model, n=4)
+
+Importing the package registers the ``torch.ops.mhc`` ops.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.mhc.*)
+from .config import MHCConfig
+from .convert import convert, find_residuals
+from .errors import MHCRewriteError, TraceError
+from .passes.sites import SiteInfo
+from .site_params import MHCSiteParams
+
+__all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "convert", "find_residuals"]
+__version__ = "0.1.0"

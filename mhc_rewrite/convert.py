@@ -1,0 +1,120 @@
+"""The public entry points: ``convert`` (rewrite a model's residuals into mHC) and ``find_residuals``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, Optional
+
+from torch import fx, nn
+
+from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
+from mhc_rewrite.passes.sites import SiteInfo
+
+from .config import MHCConfig
+from .errors import MHCRewriteError
+from .trace import trace
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_config(n: Optional[int], config: Optional[MHCConfig], options: dict) -> MHCConfig:
+    if config is None:
+        return MHCConfig(n=4 if n is None else n, **options)
+    if not isinstance(config, MHCConfig):
+        raise TypeError(f"config must be an MHCConfig, got {type(config).__name__}")
+    if n is not None or options:
+        raise TypeError("pass either config=MHCConfig(...) or n=/keyword options, not both")
+    return config
+
+
+def _run(name: str, fn, *args) -> None:
+    """Run one pass; failures that are not ours get the pass's name."""
+    try:
+        fn(*args)
+    except MHCRewriteError:
+        raise
+    except Exception as exc:
+        raise MHCRewriteError(f"the {name} pass failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _analyse(model: nn.Module, example_inputs: Any, config: MHCConfig) -> fx.GraphModule:
+    gm = trace(model, example_inputs)
+    _run("find_residual_sites", find_residual_sites, gm, config.filter_fn)
+    _run("group_chains", group_chains, gm)
+    return gm
+
+
+def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> list[SiteInfo]:
+    """List the residual sites of ``model`` without rewriting anything.
+
+    Args:
+        model: the model to analyse (traced like :func:`convert` does).
+        example_inputs: as for :func:`convert`.
+        **options: :class:`MHCConfig` options (``filter_fn`` decides which sites would be rewritten).
+    Returns:
+        One :class:`SiteInfo` per site, in graph order, with its module path, chain and branch size, and
+        whether :func:`convert` would rewrite it (or why not).
+
+    Example:
+        >>> sites = mhc_rewrite.find_residuals(model)
+        >>> [s.module_path for s in sites if s.rewritten]
+    """
+    gm = _analyse(model, example_inputs, MHCConfig(**options))
+    return [site.info() for site in gm.meta["mhc_sites"]]
+
+
+def convert(
+    model: nn.Module,
+    n: Optional[int] = None,
+    *,
+    example_inputs: Any = None,
+    config: Optional[MHCConfig] = None,
+    **options,
+) -> nn.Module:
+    """Rewrite every residual ``x + f(x)`` of ``model`` into an identity-initialised n-stream mHC block.
+
+    The model is traced (``torch.fx.symbolic_trace``, else ``torch.export`` with ``example_inputs``), its
+    residual sites are found and grouped into chains, and each chain is rewritten: the stream is expanded into
+    ``n`` copies at its head, each site mixes the streams with ``torch.ops.mhc`` ops, and the streams are
+    averaged back where the residual leaves the chain. With ``init="identity"`` (the default) the converted
+    model computes the same function as the original until it trains.
+
+    Args:
+        model: the model (``nn.Module`` or ``GraphModule``). It is not modified; the returned module shares
+            its parameters (deep-copy the model first to keep an independent original).
+        n: number of streams (default 4).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. Required when
+            ``symbolic_trace`` fails (Hugging Face models) or the stream width cannot be read off the modules.
+        config: an :class:`MHCConfig`, instead of ``n`` and keyword options.
+        **options: the other :class:`MHCConfig` fields: ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``,
+            ``filter_fn``.
+    Returns:
+        A ``GraphModule`` whose new parameters live under ``mhc.<module path>`` and whose ``mhc_sites`` lists
+        the rewritten sites; or ``model`` itself, with a warning, when it has no residual to rewrite.
+
+    Example:
+        >>> model = mhc_rewrite.convert(model, n=4)
+        >>> model.mhc_sites[0].module_path
+    """
+    config = _resolve_config(n, config, options)
+    if isinstance(model, fx.GraphModule) and hasattr(model, "mhc_sites"):
+        raise MHCRewriteError("this model is already converted (it has mhc_sites); convert the original instead")
+    gm = _analyse(model, example_inputs, config)
+    sites = gm.meta["mhc_sites"]
+    if not any(site.rewrite for site in sites):
+        reasons = "; ".join(sorted({f"{s.module_path or '<root>'}: {s.skip_reason}" for s in sites}))
+        warnings.warn(
+            f"{type(model).__name__} has no residual site to rewrite"
+            + (f" (found {len(sites)}, all skipped: {reasons})" if sites else "")
+            + "; returning the model unchanged",
+            stacklevel=2,
+        )
+        return model
+    _run("rewrite_mhc", rewrite_mhc, gm, config)
+    gm.mhc_sites = [site.info() for site in sites if site.rewrite]
+    gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
+    gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
+    log.info("rewrote %d residual site(s) in %d chain(s)", len(gm.mhc_sites), len({s.chain for s in gm.mhc_sites}))
+    return gm

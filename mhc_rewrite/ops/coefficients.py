@@ -1,0 +1,203 @@
+"""The mHC mappings H_pre, H_post, H_res of one site (SPEC §1), as ``torch.ops.mhc.coefficients``.
+
+Dynamic (per token, the paper's Eq. 7-9), with ``m = n² + 2n`` and ``phi = [phi_pre | phi_post | phi_res]``:
+
+    v = vec(X)                                  # [..., n·C], float32
+    z = (v @ phi) / rms(v)                      # [..., m]; the divide comes after the matmul (§4.3)
+    logits = [a_pre·z_pre, a_post·z_post, a_res·z_res] + bias
+    mode "mhc":  H_pre = sigmoid,  H_post = 2·sigmoid,  H_res = SinkhornKnopp(mat(logits_res))
+    mode "hc":   H = bias + a·tanh(z)          # unconstrained hyper-connections, for comparison
+
+Static (``streams``, ``phi`` and ``alpha`` are None): the same gates applied to ``bias`` alone, giving
+``[n]``, ``[n]``, ``[n, n]`` shared by every token.
+
+All of it runs in float32 (float64 for float64 inputs). The backward (derived in
+:func:`coefficients_backward_ref`) recomputes the forward, Sinkhorn iterations included.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .sinkhorn import compute_dtype, sinkhorn_knopp_backward_ref, sinkhorn_knopp_ref
+
+MODES = ("mhc", "hc")
+RMS_EPS = 1e-6
+
+
+def num_logits(n: int) -> int:
+    """Width of the fused projection: n (pre) + n (post) + n² (res)."""
+    return n * n + 2 * n
+
+
+def coefficients_ref(
+    streams: Optional[torch.Tensor],
+    phi: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    bias: torch.Tensor,
+    n: int,
+    sinkhorn_iters: int,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch mHC coefficients; see the module docstring.
+
+    Args:
+        streams: ``[..., n, C]`` (dynamic) or None (static).
+        phi: ``[n·C, n²+2n]`` or None.  alpha: ``[3]`` (pre, post, res) or None.  bias: ``[n²+2n]``.
+        n: number of streams.  sinkhorn_iters: Sinkhorn rounds.  mode: ``"mhc"`` or ``"hc"``.
+    Returns:
+        ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in float32 (float64 for float64 input).
+    """
+    acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
+    b = bias.to(acc)
+    if streams is None:
+        z = None
+    else:
+        v = streams.reshape(*streams.shape[:-2], -1).to(acc)  # [..., n·C]
+        rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+        z = (v @ phi.to(acc)) / rms  # [..., m]
+        gain = alpha.to(acc).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+    if mode == "mhc":
+        logits = b if z is None else z * gain + b
+        h_pre = torch.sigmoid(logits[..., :n])
+        h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])
+        h_res = sinkhorn_knopp_ref(logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
+    elif mode == "hc":
+        h = b if z is None else torch.tanh(z) * gain + b
+        h_pre, h_post, h_res = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return h_pre, h_post, h_res
+
+
+def _out_shapes(streams, bias, n):
+    lead = () if streams is None else tuple(streams.shape[:-2])
+    return (*lead, n), (*lead, n), (*lead, n, n)
+
+
+@torch.library.custom_op("mhc::coefficients", mutates_args=())
+def coefficients(
+    streams: Optional[torch.Tensor],
+    phi: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    bias: torch.Tensor,
+    n: int,
+    sinkhorn_iters: int,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(H_pre, H_post, H_res)`` of one site; see :func:`coefficients_ref`."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode))
+
+
+@coefficients.register_fake
+def _(streams, phi, alpha, bias, n, sinkhorn_iters, mode):
+    acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
+    return tuple(bias.new_empty(shape, dtype=acc) for shape in _out_shapes(streams, bias, n))
+
+
+def coefficients_backward_ref(
+    grad_pre: torch.Tensor,
+    grad_post: torch.Tensor,
+    grad_res: torch.Tensor,
+    streams: Optional[torch.Tensor],
+    phi: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    bias: torch.Tensor,
+    n: int,
+    sinkhorn_iters: int,
+    mode: str,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """Exact gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`coefficients_ref`, recomputing it.
+
+    With ``g`` the gradient of the logits (mhc) or of ``h`` (hc), ``u = v @ phi``, ``z = u / r``,
+    ``r = sqrt(mean(v²) + eps)`` over ``D = n·C`` entries:
+
+        mhc: g_pre = dH_pre·s(1-s),  g_post = dH_post·2s(1-s) (s the sigmoid),  g_res = Sinkhorn-backward(dH_res)
+             dz = g·gain,            d_gain = g·z
+        hc:  g = dH,  t = tanh(z):   dz = g·gain·(1-t²),  d_gain = g·t
+        d_bias = sum_tokens g        d_alpha = segment sums of d_gain over (pre, post, res)
+        du = dz / r,  dr = -sum_k dz_k z_k / r
+        d_phi = v^T du               dv = du @ phi^T + dr · v / (D·r)
+    Static mode (no streams) has only ``d_bias``; the others are None.
+    """
+    acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
+    g_h = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
+    b = bias.to(acc)
+    z = gain = None
+    if streams is not None:
+        v = streams.reshape(*streams.shape[:-2], -1).to(acc)
+        rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+        u = v @ phi.to(acc)
+        z = u / rms
+        gain = alpha.to(acc).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+    if mode == "mhc":
+        logits = b if z is None else z * gain + b
+        sig = torch.sigmoid(logits[..., : 2 * n])
+        g_gates = g_h[..., : 2 * n] * sig * (1 - sig) * torch.tensor([1.0] * n + [2.0] * n, dtype=acc, device=sig.device)
+        g_res = sinkhorn_knopp_backward_ref(grad_res, logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
+        g = torch.cat([g_gates, g_res.to(acc).flatten(-2)], dim=-1)
+        if z is not None:
+            dz, d_gain = g * gain, g * z
+    elif mode == "hc":
+        g = g_h
+        if z is not None:
+            t = torch.tanh(z)
+            dz, d_gain = g * gain * (1 - t * t), g * t
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    d_bias = g.sum_to_size(bias.shape).to(bias.dtype)
+    if streams is None:
+        return None, None, None, d_bias
+    d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=-1)]).to(alpha.dtype)
+    du = dz / rms
+    dr = -(dz * z).sum(dim=-1, keepdim=True) / rms
+    d_phi = (v.reshape(-1, v.shape[-1]).T @ du.reshape(-1, du.shape[-1])).to(phi.dtype)
+    dv = du @ phi.to(acc).T + dr * v / (v.shape[-1] * rms)
+    return dv.reshape(streams.shape).to(streams.dtype), d_phi, d_alpha, d_bias
+
+
+@torch.library.custom_op("mhc::coefficients_backward", mutates_args=())
+def coefficients_backward(
+    grad_pre: torch.Tensor,
+    grad_post: torch.Tensor,
+    grad_res: torch.Tensor,
+    streams: Optional[torch.Tensor],
+    phi: Optional[torch.Tensor],
+    alpha: Optional[torch.Tensor],
+    bias: torch.Tensor,
+    n: int,
+    sinkhorn_iters: int,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`coefficients`; see :func:`coefficients_backward_ref`.
+
+    Absent inputs (static mode) get empty gradients, which the autograd wrapper turns into None.
+    """
+    grads = coefficients_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    return tuple(bias.new_empty(0) if g is None else g for g in grads)
+
+
+@coefficients_backward.register_fake
+def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode):
+    return tuple(bias.new_empty(0) if t is None else torch.empty_like(t) for t in (streams, phi, alpha, bias))
+
+
+def _setup_context(ctx, inputs, output):
+    streams, phi, alpha, bias, n, iters, mode = inputs
+    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)))
+    ctx.present = tuple(t is not None for t in (streams, phi, alpha))
+    ctx.args = (n, iters, mode)
+
+
+def _backward(ctx, grad_pre, grad_post, grad_res):
+    saved = ctx.saved_tensors
+    streams, phi, alpha = (t if keep else None for t, keep in zip(saved[:3], ctx.present))
+    bias = saved[3]
+    grads = torch.ops.mhc.coefficients_backward(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, *ctx.args)
+    d_streams, d_phi, d_alpha = (g if keep else None for g, keep in zip(grads[:3], ctx.present))
+    return d_streams, d_phi, d_alpha, grads[3], None, None, None
+
+
+coefficients.register_autograd(_backward, setup_context=_setup_context)

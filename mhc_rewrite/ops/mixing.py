@@ -1,0 +1,150 @@
+"""The stream ops of an mHC chain: expand, pre-mix, post+residual mix, reduce.
+
+Layout: a stream tensor ``X`` is ``[..., n, C]``: the residual ``x [..., C]`` with a stream axis inserted
+before the channels (DeepSeek-V4's ``[B, S, n, D]``). Coefficients are float32 (float64 for float64 streams);
+``h_pre``/``h_post`` are ``[..., n]`` (per token) or ``[n]`` (static), ``h_res`` is ``[..., n, n]`` or ``[n, n]``.
+
+    expand_streams(x, n)             X[..., i, :] = x                       (copy into every stream)
+    pre_mix(X, h_pre)                y = sum_i h_pre[i] X[i]                (the branch input)
+    post_res_mix(X, f, h_post, h_res) X'[i] = sum_j h_res[i, j] X[j] + h_post[i] f
+    reduce_streams(X)                x = mean_i X[i]                         (where the stream leaves)
+
+Each is a ``torch.ops.mhc`` op with a reference implementation (this file), a fake kernel and autograd.
+Mixing accumulates in the coefficients' dtype and returns the stream's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sinkhorn import compute_dtype
+
+
+def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum a per-token gradient down to the (possibly static) coefficient's shape and dtype."""
+    return grad.sum_to_size(like.shape).to(like.dtype)
+
+
+# --- expand / reduce -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mhc::expand_streams", mutates_args=())
+def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x [..., C]`` -> ``[..., n, C]``, a copy of ``x`` in every stream."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).clone()
+
+
+@expand_streams.register_fake
+def _(x, n):
+    return x.new_empty((*x.shape[:-1], n, x.shape[-1]))
+
+
+expand_streams.register_autograd(
+    lambda ctx, grad: (grad.sum(dim=-2), None),
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
+@torch.library.custom_op("mhc::reduce_streams", mutates_args=())
+def reduce_streams(streams: torch.Tensor) -> torch.Tensor:
+    """``[..., n, C]`` -> ``[..., C]``, the mean of the streams."""
+    return streams.mean(dim=-2)
+
+
+@reduce_streams.register_fake
+def _(streams):
+    return streams.new_empty((*streams.shape[:-2], streams.shape[-1]))
+
+
+def _reduce_setup(ctx, inputs, output):
+    ctx.n = inputs[0].shape[-2]
+
+
+def _reduce_backward(ctx, grad):
+    return (grad / ctx.n).unsqueeze(-2).expand(*grad.shape[:-1], ctx.n, grad.shape[-1]).contiguous()
+
+
+reduce_streams.register_autograd(_reduce_backward, setup_context=_reduce_setup)
+
+
+# --- pre-mix ---------------------------------------------------------------------------------------
+
+
+def pre_mix_ref(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """Pure-PyTorch ``y[..., c] = sum_i h_pre[..., i] * X[..., i, c]``."""
+    acc = compute_dtype(streams.dtype)
+    return torch.einsum("...i,...ic->...c", h_pre.to(acc), streams.to(acc)).to(streams.dtype)
+
+
+@torch.library.custom_op("mhc::pre_mix", mutates_args=())
+def pre_mix(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """The block input ``H_pre · X``: ``[..., n, C]``, ``[..., n]`` -> ``[..., C]``."""
+    return pre_mix_ref(streams, h_pre)
+
+
+@pre_mix.register_fake
+def _(streams, h_pre):
+    return streams.new_empty((*streams.shape[:-2], streams.shape[-1]))
+
+
+def _pre_mix_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _pre_mix_backward(ctx, grad):
+    # dX[..., i, c] = h[..., i] g[..., c];   dh[..., i] = sum_c g[..., c] X[..., i, c]
+    streams, h_pre = ctx.saved_tensors
+    acc = compute_dtype(streams.dtype)
+    g = grad.to(acc)
+    d_streams = (h_pre.to(acc).unsqueeze(-1) * g.unsqueeze(-2)).to(streams.dtype)
+    d_h = torch.einsum("...c,...ic->...i", g, streams.to(acc))
+    return d_streams, _reduce_to(d_h, h_pre)
+
+
+pre_mix.register_autograd(_pre_mix_backward, setup_context=_pre_mix_setup)
+
+
+# --- post + residual mix ---------------------------------------------------------------------------
+
+
+def post_res_mix_ref(
+    streams: torch.Tensor, branch: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """Pure-PyTorch ``X'[..., i, c] = sum_j h_res[..., i, j] X[..., j, c] + h_post[..., i] f[..., c]``."""
+    acc = compute_dtype(streams.dtype)
+    mixed = torch.einsum("...ij,...jc->...ic", h_res.to(acc), streams.to(acc))
+    written = h_post.to(acc).unsqueeze(-1) * branch.to(acc).unsqueeze(-2)
+    return (mixed + written).to(streams.dtype)
+
+
+@torch.library.custom_op("mhc::post_res_mix", mutates_args=())
+def post_res_mix(
+    streams: torch.Tensor, branch: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """``H_res · X + H_post^T · f``: ``[..., n, C]``, ``[..., C]``, ``[..., n]``, ``[..., n, n]`` -> ``[..., n, C]``."""
+    return post_res_mix_ref(streams, branch, h_post, h_res)
+
+
+@post_res_mix.register_fake
+def _(streams, branch, h_post, h_res):
+    return torch.empty_like(streams)
+
+
+def _post_res_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_res_backward(ctx, grad):
+    # dX[j, c] = sum_i h_res[i, j] dY[i, c]     df[c] = sum_i h_post[i] dY[i, c]
+    # dh_res[i, j] = sum_c dY[i, c] X[j, c]     dh_post[i] = sum_c dY[i, c] f[c]
+    streams, branch, h_post, h_res = ctx.saved_tensors
+    acc = compute_dtype(streams.dtype)
+    g, x, f = grad.to(acc), streams.to(acc), branch.to(acc)
+    d_streams = torch.einsum("...ij,...ic->...jc", h_res.to(acc), g).to(streams.dtype)
+    d_branch = torch.einsum("...i,...ic->...c", h_post.to(acc), g).to(branch.dtype)
+    d_h_res = torch.einsum("...ic,...jc->...ij", g, x)
+    d_h_post = torch.einsum("...ic,...c->...i", g, f)
+    return d_streams, d_branch, _reduce_to(d_h_post, h_post), _reduce_to(d_h_res, h_res)
+
+
+post_res_mix.register_autograd(_post_res_backward, setup_context=_post_res_setup)

@@ -1,0 +1,77 @@
+"""``MHCSiteParams``: the new parameters of one rewritten residual site, and their initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import MHCConfig
+from .ops import num_logits
+
+# How far the identity init leans H_res towards the identity: logits c·I give a diagonal of
+# e^c / (e^c + n - 1) (0.475 at n=4). A saturated (near-permutation) H_res has a near-zero Jacobian.
+RES_DIAGONAL_LOGIT = 1.0
+
+
+def pre_weights(n: int, favoured: int) -> torch.Tensor:
+    """Non-uniform read weights summing to 1: stream ``favoured`` gets 2/(n+1), the others 1/(n+1).
+
+    Uniform weights would leave every stream with the same gradient (SPEC §2); favouring stream
+    ``layer mod n`` (as the HC paper does) breaks that symmetry without changing the function.
+    """
+    w = torch.full((n,), 1.0 / (n + 1), dtype=torch.float64)
+    w[favoured % n] = 2.0 / (n + 1)
+    return w
+
+
+def initial_bias(config: MHCConfig, site_index: int) -> torch.Tensor:
+    """The bias ``[pre (n) | post (n) | res (n², row-major)]`` of one site, in float64."""
+    n = config.n
+    pre, post = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    res = torch.zeros(n, n, dtype=torch.float64)
+    if config.mode == "mhc":
+        if config.init == "identity":
+            w = pre_weights(n, site_index)
+            pre = torch.log(w) - torch.log1p(-w)  # sigmoid(pre) = w
+            res = RES_DIAGONAL_LOGIT * torch.eye(n, dtype=torch.float64)
+        # "paper": b = 0: H_pre = 0.5, H_post = 2·sigmoid(0) = 1, H_res uniform.
+    else:  # hc: the bias is the mapping itself (H = b + a·tanh(z))
+        pre = pre_weights(n, site_index) if config.init == "identity" else torch.eye(n, dtype=torch.float64)[site_index % n]
+        post = torch.ones(n, dtype=torch.float64)
+        res = torch.eye(n, dtype=torch.float64)
+    return torch.cat([pre, post, res.flatten()])
+
+
+class MHCSiteParams(nn.Module):
+    """Parameters of one mHC site: ``bias [n²+2n]``, and when dynamic ``phi [n·C, n²+2n]`` and ``alpha [3]``.
+
+    Args:
+        config: the conversion options (n, dynamic, mode, init).
+        channels: C, the width of the residual stream at this site.
+        site_index: the site's position in the model (chooses the favoured stream).
+        module_path: the site's module path, kept for display.
+    """
+
+    def __init__(self, config: MHCConfig, channels: int, site_index: int, module_path: str = "",
+                 device: torch.device | None = None):
+        super().__init__()
+        n, m = config.n, num_logits(config.n)
+        self.n, self.channels, self.module_path = n, channels, module_path
+        self.bias = nn.Parameter(initial_bias(config, site_index).to(device=device, dtype=torch.float32))
+        if config.dynamic:
+            # alpha = 0 keeps the function exact at init while phi, small and random, gives the gates a
+            # gradient from step 0 (SPEC §2). The paper states only a = 0.01.
+            start = 0.0 if config.init == "identity" else 0.01
+            self.alpha = nn.Parameter(torch.full((3,), start, device=device))
+            phi = torch.randn(n * channels, m, device=device) / math.sqrt(n * channels)
+            if config.init == "paper" and config.mode == "hc":
+                phi.zero_()  # the HC paper starts its dynamic weights at zero
+            self.phi = nn.Parameter(phi)
+        else:
+            self.register_parameter("alpha", None)
+            self.register_parameter("phi", None)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, channels={self.channels}, module_path={self.module_path!r}"
