@@ -69,18 +69,32 @@ def _has_params(body: list[fx.Node], gm: fx.GraphModule) -> bool:
     return False
 
 
-def _module_path(node: fx.Node) -> list[str]:
+def _module_stack(node: fx.Node) -> list[str]:
     stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
     if node.op == "call_module":
         stack.append(node.target)
     return stack
 
 
-def _site_module_path(add: fx.Node, branch_out: fx.Node) -> str:
-    """The outermost module that holds the branch output inside the add's own module (else the add's)."""
-    outer = _module_path(add)
-    inner = [p for p in _module_path(branch_out) if p not in outer]
-    return inner[0] if inner else (outer[-1] if outer else "")
+def _child_of(stack: list[str], scope: list[str]) -> Optional[str]:
+    inner = [path for path in stack if path not in scope]
+    return inner[0] if inner else None
+
+
+def _site_module_path(add: fx.Node, body: list[fx.Node], out: fx.Node, all_paths: set[str]) -> str:
+    """The module that best names the branch, e.g. ``model.layers.3.self_attn``.
+
+    Within the add's own module: the child module that produced the branch output when it is a composite
+    module (attention, MLP); else the only child the branch touches; else the add's module itself.
+    """
+    scope = _module_stack(add)
+    child = _child_of(_module_stack(out), scope)
+    if child is not None and any(path.startswith(child + ".") for path in all_paths):
+        return child
+    children = {c for c in (_child_of(_module_stack(node), scope) for node in body) if c is not None}
+    if len(children) == 1:
+        return children.pop()
+    return scope[-1] if scope else ""
 
 
 def _is_conv(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -142,6 +156,7 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
         ``PassResult(gm, modified=False)``.
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    all_paths = {path for node in gm.graph.nodes for path in _module_stack(node)}
     sites: list[ResidualSite] = []
     by_output: dict[fx.Node, ResidualSite] = {}
     for add in gm.graph.nodes:
@@ -150,7 +165,7 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
         match = _match_residual(add, gm, order)
         if match is not None:
             stream, out, body = match
-            site = ResidualSite(index=len(sites), module_path=_site_module_path(add, out), stream=stream,
+            site = ResidualSite(index=len(sites), module_path=_site_module_path(add, body, out, all_paths), stream=stream,
                                 add_nodes=[add], branch_outputs=[out], body=body, has_params=_has_params(body, gm))
             sites.append(site)
             by_output[add] = site
@@ -167,15 +182,17 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
                 del by_output[operand]
                 by_output[add] = site
                 break
-    adds = {add: site for site in sites for add in site.add_nodes}
     for site in sites:
         _locate_channels(site, gm)
-        nested = [adds[node].index for node in site.body if node in adds]
-        if nested:
-            site.rewrite, site.skip_reason = False, f"contains residual site(s) {sorted(set(nested))}"
-        elif filter_fn is not None and not filter_fn(site):
+        if filter_fn is not None and not filter_fn(site):
             site.rewrite, site.skip_reason = False, "excluded by filter_fn"
         elif filter_fn is None and not site.has_params:
             site.rewrite, site.skip_reason = False, "branch has no parameterised op"
+    # A residual around a block that has residuals inside: the inner ones are rewritten, the outer one is not.
+    inner_adds = {add: site for site in sites if site.rewrite for add in site.add_nodes}
+    for site in sites:
+        nested = sorted({inner_adds[node].index for node in site.body if node in inner_adds})
+        if site.rewrite and nested:
+            site.rewrite, site.skip_reason = False, f"contains rewritten residual site(s) {nested}"
     gm.meta["mhc_sites"] = sites
     return PassResult(gm, False)

@@ -158,6 +158,9 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
                            h_post, h_res)
             out = make.from_channel_last(make("reduce", mhc.reduce_streams.default, streams))
         site.output.replace_all_uses_with(out)
+        for user in list(out.users):  # torch.export's dtype checks would keep an otherwise unused reduce alive
+            if user.target is torch.ops.aten._assert_tensor_metadata.default:
+                graph.erase_node(user)
         reduced[site.output] = out
         for add in reversed(site.add_nodes):
             graph.erase_node(add)
