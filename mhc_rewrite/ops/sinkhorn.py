@@ -55,32 +55,30 @@ def _(logits, iters):
     return logits.new_empty(logits.shape, dtype=compute_dtype(logits.dtype))
 
 
-def _normalise_backward(grad: torch.Tensor, out: torch.Tensor, sums: torch.Tensor, dim: int) -> torch.Tensor:
-    # y = m / s with s = sum_dim(m) (clamped):  dm = (dy - sum_dim(dy * y)) / s   (the sum term vanishes where
-    # the clamp is active, since s no longer depends on m there)
-    through_sum = (grad * out).sum(dim=dim, keepdim=True) * (sums > _TINY)
-    return (grad - through_sum) / sums
-
-
 def sinkhorn_knopp_backward_ref(grad: torch.Tensor, logits: torch.Tensor, iters: int) -> torch.Tensor:
     """Exact gradient of :func:`sinkhorn_knopp_ref` w.r.t. ``logits``, recomputing the iterations.
 
-    The forward is replayed once, keeping each normalisation's output and divisor; then each step is
-    reversed with ``_normalise_backward``, and the exponential with ``dL/dx = dL/dM0 * M0``. The shift by
-    the matrix max drops out: a constant scale of M0 does not change any normalised result.
+    Work with gradients w.r.t. the logarithms, ``G = dL/dlog(M) = dL/dM * M``. A normalisation
+    ``Y = M / s`` with ``s = sum_dim(M)`` is ``log Y = log M - log s``, and ``dlog s / dlog M_j = Y_j``, so
+
+        G_M = G_Y - Y * sum_dim(G_Y)
+
+    with no division: every quantity stays bounded even where entries underflow (a division-based backward
+    overflows there). The forward is replayed once to keep each normalisation's output Y; then
+    ``G = grad * M_final``, each step is reversed, and ``dL/dlogits = G_M0`` since ``log M0 = logits - max``
+    (the max is a constant shift that no normalised result depends on).
     """
     x = logits.to(compute_dtype(logits.dtype))
-    m0 = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True))
-    m, steps = m0, []
+    m = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True))
+    outputs = []
     for _ in range(iters):
         for dim in (-2, -1):
-            sums = m.sum(dim=dim, keepdim=True).clamp_min(_TINY)
-            m = m / sums
-            steps.append((m, sums, dim))
-    g = grad.to(x.dtype)
-    for out, sums, dim in reversed(steps):
-        g = _normalise_backward(g, out, sums, dim)
-    return (g * m0).to(logits.dtype)
+            m = m / m.sum(dim=dim, keepdim=True).clamp_min(_TINY)
+            outputs.append((m, dim))
+    g = grad.to(x.dtype) * m
+    for out, dim in reversed(outputs):
+        g = g - out * g.sum(dim=dim, keepdim=True)
+    return g.to(logits.dtype)
 
 
 @torch.library.custom_op("mhc::sinkhorn_knopp_backward", mutates_args=())

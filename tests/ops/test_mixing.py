@@ -1,0 +1,64 @@
+"""expand / pre_mix / post_res_mix / reduce against per-stream float64 loops, gradients and registration."""
+
+import pytest
+import torch
+
+import mhc_rewrite  # noqa: F401
+
+mhc = torch.ops.mhc
+SHAPES = [((5,), 4, 8), ((2, 3), 4, 16), ((2, 3), 2, 8), ((4,), 3, 6)]  # (leading dims, n, C)
+
+
+def _loop_pre_mix(X, h):
+    return sum(h[..., i, None] * X[..., i, :] for i in range(X.shape[-2]))
+
+
+def _loop_post_res_mix(X, f, h_post, h_res):
+    n = X.shape[-2]
+    rows = [sum(h_res[..., i, j, None] * X[..., j, :] for j in range(n)) + h_post[..., i, None] * f for i in range(n)]
+    return torch.stack(rows, dim=-2)
+
+
+def _inputs(lead, n, C, dtype=torch.float64, static=False):
+    torch.manual_seed(n * C)
+    coeff_lead = () if static else lead
+    return (torch.randn(*lead, n, C, dtype=dtype), torch.randn(*lead, C, dtype=dtype),
+            torch.rand(*coeff_lead, n, dtype=dtype), torch.rand(*coeff_lead, n, n, dtype=dtype))
+
+
+@pytest.mark.parametrize("lead,n,C", SHAPES)
+@pytest.mark.parametrize("static", [False, True])
+def test_mixing_matches_loops(lead, n, C, static):
+    X, f, h_post, h_res = _inputs(lead, n, C, static=static)
+    torch.testing.assert_close(mhc.pre_mix(X, h_post), _loop_pre_mix(X, h_post))
+    torch.testing.assert_close(mhc.post_res_mix(X, f, h_post, h_res), _loop_post_res_mix(X, f, h_post, h_res))
+    x = X[..., 0, :]
+    torch.testing.assert_close(mhc.expand_streams(x, n), torch.stack([x] * n, dim=-2))
+    torch.testing.assert_close(mhc.reduce_streams(X), sum(X[..., i, :] for i in range(n)) / n)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_gradcheck_float64(static):
+    X, f, h_post, h_res = (t.requires_grad_() for t in _inputs((2, 3), 4, 5, static=static))
+    assert torch.autograd.gradcheck(mhc.pre_mix, (X, h_post))
+    assert torch.autograd.gradcheck(mhc.post_res_mix, (X, f, h_post, h_res))
+    assert torch.autograd.gradcheck(lambda x: mhc.expand_streams(x, 4), (f,))
+    assert torch.autograd.gradcheck(mhc.reduce_streams, (X,))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_low_precision_streams_keep_their_dtype(dtype, tol):
+    X, f, h_post, h_res = _inputs((4,), 4, 32, dtype=torch.float32)
+    out = mhc.post_res_mix(X.to(dtype), f.to(dtype), h_post, h_res)
+    assert out.dtype == dtype
+    expected = _loop_post_res_mix(X.to(dtype).double(), f.to(dtype).double(), h_post.double(), h_res.double())
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    assert mhc.pre_mix(X.to(dtype), h_post).dtype == dtype
+
+
+def test_opcheck():
+    X, f, h_post, h_res = (t.float().requires_grad_() for t in _inputs((2, 3), 4, 8))
+    torch.library.opcheck(mhc.pre_mix.default, (X, h_post))
+    torch.library.opcheck(mhc.post_res_mix.default, (X, f, h_post, h_res))
+    torch.library.opcheck(mhc.expand_streams.default, (f, 4))
+    torch.library.opcheck(mhc.reduce_streams.default, (X,))
