@@ -113,6 +113,7 @@ def convert(
         )
         return model
     _run("rewrite_mhc", rewrite_mhc, gm, config)
+    del gm.meta["mhc_sites"]  # graph-level records hold nodes; users get the plain SiteInfo records
     gm.mhc_sites = [site.info() for site in sites if site.rewrite]
     gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options

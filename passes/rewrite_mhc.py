@@ -48,7 +48,7 @@ class _NodeMaker:
         if self.fake_mode is not None:
             try:
                 vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-                with self.fake_mode:
+                with self.fake_mode, torch.no_grad():  # a value with a grad_fn would break deepcopy
                     node.meta["val"] = target(*vals)
             except Exception as exc:  # a missing input value: leave this node without one
                 log.debug("no fake value for %s: %s", node.name, exc)
