@@ -8,6 +8,7 @@ graph also gets fake values (``node.meta["val"]``), i.e. the shapes and dtypes o
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from typing import Any, Optional
 
@@ -30,6 +31,24 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     return (example_inputs,), {}
+
+
+def _any_size(value):
+    """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary."""
+    if isinstance(value, torch.Tensor):
+        return {dim: torch.export.Dim.AUTO for dim in range(value.dim())}
+    return None
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    try:  # batch and sequence sizes stay free where the model allows it
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        dynamic_shapes = {name: _any_size(value) for name, value in bound.items()}
+        program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        log.info("torch.export with free sizes failed (%s); exporting with the example sizes fixed", exc)
+        program = torch.export.export(model, args, kwargs, strict=False)
+    return program.module()
 
 
 def _propagate_fake_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
@@ -78,7 +97,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
                 "so the model can be traced with torch.export."
             ) from symbolic_error
         try:
-            return torch.export.export(model, args, kwargs, strict=False).module()
+            return _export(model, args, kwargs)
         except Exception as export_error:
             raise TraceError(
                 f"could not trace {type(model).__name__}: torch.fx.symbolic_trace failed "

@@ -121,7 +121,7 @@ def _locate_channels(site: ResidualSite, gm: fx.GraphModule) -> None:
     conv = any(_is_conv(node, gm) for node in site.body)
     val = site.stream.meta.get("val")
     if isinstance(val, torch.Tensor):
-        site.channel_dim = 1 if conv and val.dim() >= 3 else val.dim() - 1
+        site.channel_dim = 1 if conv and val.dim() >= 3 else -1
         site.channels = int(val.shape[site.channel_dim])
     else:
         site.channel_dim = 1 if conv else -1

@@ -1,0 +1,61 @@
+"""Text views of a rewrite: the table of residual sites, and the generated code of one block."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import fx
+
+from .passes.sites import SiteInfo
+
+
+def sites_table(sites: Iterable[SiteInfo]) -> str:
+    """A fixed-width table of sites: index, module path, chain, branch ops, branches, width, status.
+
+    Example:
+        >>> print(sites_table(mhc_rewrite.find_residuals(model)))
+    """
+    header = ("#", "module path", "chain", "ops", "branches", "C", "status")
+    rows = [header] + [
+        (str(s.index), s.module_path or "<root>", "-" if s.chain is None else str(s.chain), str(s.branch_size),
+         str(s.num_branches), "?" if s.channels is None else str(s.channels),
+         "rewritten" if s.rewritten else f"skipped: {s.skip_reason}")
+        for s in sites
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
+
+
+def _in_module(node: fx.Node, module_path: str) -> bool:
+    paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    if node.op in ("call_module", "get_attr"):
+        paths.append(node.target)
+    paths.append(node.meta.get("mhc", {}).get("module_path", ""))
+    return any(p == module_path or p.startswith(module_path + ".") for p in paths if p)
+
+
+def _noise(node: fx.Node) -> bool:
+    """Reads of the model's own weights and torch.export's dtype asserts: they crowd out the structure."""
+    if node.op == "get_attr":
+        return "mhc" not in node.meta
+    return node.op == "call_function" and "_assert_tensor_metadata" in str(node.target)
+
+
+def block_code(gm: fx.GraphModule, module_path: str) -> str:
+    """The lines of ``gm.code`` computed inside ``module_path`` (e.g. ``model.layers.0``), in order.
+
+    Works before and after the rewrite: the mHC nodes carry the module path of the site they belong to.
+    Reads of the model's own weights and torch.export's dtype asserts are left out.
+
+    Example:
+        >>> print(block_code(converted, "model.layers.0"))
+    """
+    names = {node.name for node in gm.graph.nodes if _in_module(node, module_path) and not _noise(node)}
+    lines = []
+    for line in gm.code.splitlines():
+        statement = line.strip().split(";  ")[0]
+        if statement.split(" = ", 1)[0] in names:
+            lines.append(statement)
+    return "\n".join(lines)

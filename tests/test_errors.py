@@ -1,0 +1,104 @@
+"""Every user-facing error and warning of convert(), checked for what it says."""
+
+import warnings
+
+import pytest
+import torch
+from models import NotResidualNet, ResidualMLP
+from torch import nn
+
+import mhc_rewrite
+from mhc_rewrite import MHCConfig, MHCRewriteError, TraceError
+
+
+@pytest.mark.parametrize("options,error,message", [
+    (dict(n=1), ValueError, "n=1 has a single stream"),
+    (dict(n=0), ValueError, "n must be >= 2, got 0"),
+    (dict(n=2.0), TypeError, "n must be an int, got float"),
+    (dict(mode="mhc2"), ValueError, "mode must be one of ('mhc', 'hc'), got 'mhc2'"),
+    (dict(init="zeros"), ValueError, "init must be one of ('identity', 'paper'), got 'zeros'"),
+    (dict(sinkhorn_iters=0), ValueError, "sinkhorn_iters must be >= 1, got 0"),
+    (dict(dynamic="yes"), TypeError, "dynamic must be a bool, got str"),
+    (dict(filter_fn=3), TypeError, "filter_fn must be callable"),
+])
+def test_invalid_options(options, error, message):
+    with pytest.raises(error) as info:
+        mhc_rewrite.convert(ResidualMLP(), **options)
+    assert message in str(info.value)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'streams'"):
+        mhc_rewrite.convert(ResidualMLP(), streams=4)
+
+
+def test_config_and_options_together_are_refused():
+    with pytest.raises(TypeError, match="either config=MHCConfig"):
+        mhc_rewrite.convert(ResidualMLP(), n=2, config=MHCConfig())
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="convert\\(\\) takes an nn.Module, got function"):
+        mhc_rewrite.convert(lambda x: x)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: symbolic_trace cannot follow it
+            return x + self.fc(x)
+        return x
+
+
+def test_untraceable_without_example_inputs_says_what_to_pass():
+    with pytest.raises(TraceError) as info:
+        mhc_rewrite.convert(Untraceable())
+    message = str(info.value)
+    assert "torch.fx.symbolic_trace failed on Untraceable" in message
+    assert "Pass example_inputs=" in message
+
+
+def test_untraceable_with_bad_example_inputs_names_both_failures():
+    with pytest.raises(TraceError) as info:
+        mhc_rewrite.convert(Untraceable(), example_inputs=(torch.randn(2, 3),))  # wrong width for fc
+    message = str(info.value)
+    assert "torch.fx.symbolic_trace failed" in message and "torch.export (non-strict)" in message
+    assert "model(*example_inputs)" in message
+
+
+def test_model_without_residuals_is_returned_unchanged_with_a_warning():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="Sequential has no residual site to rewrite; returning the model unchanged"):
+        assert mhc_rewrite.convert(model) is model
+
+
+def test_skipped_sites_are_named_in_the_warning():
+    idx = torch.randint(0, 10, (2, 5))
+    with pytest.warns(UserWarning, match="found 1, all skipped: <root>: branch has no parameterised op"):
+        mhc_rewrite.convert(NotResidualNet(), example_inputs=(idx, idx))
+
+
+def test_converting_twice_is_refused():
+    gm = mhc_rewrite.convert(ResidualMLP())
+    with pytest.raises(MHCRewriteError, match="already converted"):
+        mhc_rewrite.convert(gm)
+
+
+def test_unknown_stream_width_asks_for_example_inputs():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x + torch.tanh(x @ self.w)  # no module to read the width from
+
+    with pytest.raises(MHCRewriteError, match="pass example_inputs to convert"):
+        mhc_rewrite.convert(Functional())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gm = mhc_rewrite.convert(Functional(), example_inputs=(torch.randn(3, 4),))
+    assert gm.mhc_sites[0].channels == 4
