@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn import functional as F
 
 import mhc_rewrite
@@ -89,7 +89,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"{'model':<22}{'layers':>7}{'nodes':>8}{'trace s':>10}{'passes s':>10}{'convert s':>11}{'passes us/node':>16}")
+    header = ("model", "layers", "nodes", "trace s", "passes s", "convert s", "passes us/node")
+    print(f"{header[0]:<22}" + "".join(f"{h:>{w}}" for h, w in zip(header[1:], (7, 8, 10, 10, 11, 16))))
     rows = [("decoder (symbolic)", n, Decoder(n), None) for n in args.layers]
     if args.hf:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,7 +101,8 @@ def main():
             rows.append(("hf llama (export)", n, LlamaForCausalLM(cfg).eval(), (torch.randint(0, 256, (2, 16)),)))
     for name, layers, model, inputs in rows:
         nodes, trace_s, pass_s, total_s = measure(model, inputs, args.repeats)
-        print(f"{name:<22}{layers:>7}{nodes:>8}{trace_s:>10.3f}{pass_s:>10.3f}{total_s:>11.3f}{1e6 * pass_s / nodes:>16.1f}")
+        print(f"{name:<22}{layers:>7}{nodes:>8}{trace_s:>10.3f}{pass_s:>10.3f}{total_s:>11.3f}"
+              f"{1e6 * pass_s / nodes:>16.1f}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def initial_bias(config: MHCConfig, site_index: int) -> torch.Tensor:
             res = RES_DIAGONAL_LOGIT * torch.eye(n, dtype=torch.float64)
         # "paper": b = 0: H_pre = 0.5, H_post = 2·sigmoid(0) = 1, H_res uniform.
     else:  # hc: the bias is the mapping itself (H = b + a·tanh(z))
-        pre = pre_weights(n, site_index) if config.init == "identity" else torch.eye(n, dtype=torch.float64)[site_index % n]
+        one_hot = torch.eye(n, dtype=torch.float64)[site_index % n]  # the HC paper's A_m
+        pre = pre_weights(n, site_index) if config.init == "identity" else one_hot
         post = torch.ones(n, dtype=torch.float64)
         res = torch.eye(n, dtype=torch.float64)
     return torch.cat([pre, post, res.flatten()])

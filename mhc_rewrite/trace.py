@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -48,6 +48,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     except Exception as exc:
         log.info("torch.export with free sizes failed (%s); exporting with the example sizes fixed", exc)
         program = torch.export.export(model, args, kwargs, strict=False)
+    if any(isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+           for node in program.graph.nodes):
+        program = program.run_decompositions({})  # functionalise: `x += f(x)` becomes an add the finder sees
     return program.module()
 
 

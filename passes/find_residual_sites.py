@@ -30,7 +30,7 @@ _CONVS = {aten.convolution.default, aten.conv1d.default, aten.conv2d.default, at
 
 
 def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADDS or node.op == "call_method" and node.target == "add":
+    if (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add"):
         return (len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args)
                 and node.kwargs.get("alpha", 1) == 1 and "out" not in node.kwargs)
     return False
@@ -165,8 +165,9 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
         match = _match_residual(add, gm, order)
         if match is not None:
             stream, out, body = match
-            site = ResidualSite(index=len(sites), module_path=_site_module_path(add, body, out, all_paths), stream=stream,
-                                add_nodes=[add], branch_outputs=[out], body=body, has_params=_has_params(body, gm))
+            path = _site_module_path(add, body, out, all_paths)
+            site = ResidualSite(index=len(sites), module_path=path, stream=stream, add_nodes=[add],
+                                branch_outputs=[out], body=body, has_params=_has_params(body, gm))
             sites.append(site)
             by_output[add] = site
             continue

@@ -1,8 +1,8 @@
 """Nodes that pass the residual stream through unchanged, so the passes can see through them.
 
 A no-op returns its first input's value: a cast to the dtype it already has, a view/reshape to the shape it
-already has, ``clone``/``contiguous``/``alias``, dropout with p=0 (or traced in eval mode by ``torch.export``, which bakes
-the mode in), ``nn.Identity``.
+already has, ``clone``/``contiguous``/``alias``, dropout with p=0 (or traced in eval mode by ``torch.export``,
+which bakes the mode in), ``nn.Identity``.
 Dtype and shape checks need ``node.meta["val"]``; without it those nodes are not treated as no-ops.
 """
 

@@ -5,11 +5,12 @@ import io
 
 import pytest
 import torch
-from models import GPT, GPTConfig, ParallelNet, PostNormNet, ResidualMLP, ResNetish, hf_gpt2, hf_llama
 from torch import fx
 from torch.nn import functional as F
 
 import mhc_rewrite
+
+from models import GPT, GPTConfig, ParallelNet, PostNormNet, ResidualMLP, ResNetish, hf_gpt2, hf_llama
 
 TOL = 1e-5  # fp32 relative error allowed at init (SPEC §2)
 

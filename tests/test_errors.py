@@ -4,11 +4,12 @@ import warnings
 
 import pytest
 import torch
-from models import NotResidualNet, ResidualMLP
 from torch import nn
 
 import mhc_rewrite
 from mhc_rewrite import MHCConfig, MHCRewriteError, TraceError
+
+from models import NotResidualNet, ResidualMLP
 
 
 @pytest.mark.parametrize("options,error,message", [

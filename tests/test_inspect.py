@@ -1,10 +1,11 @@
 """Text views: the sites table and one block's code before and after."""
 
-from models import ResidualMLP
 from torch import fx
 
 import mhc_rewrite
 from mhc_rewrite.inspect import block_code, sites_table
+
+from models import ResidualMLP
 
 
 def test_sites_table_lists_every_site():

@@ -88,7 +88,8 @@ def coefficients(
     mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(H_pre, H_post, H_res)`` of one site; see :func:`coefficients_ref`."""
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode))
+    outs = coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in outs)  # never alias the bias
 
 
 @coefficients.register_fake
@@ -135,7 +136,8 @@ def coefficients_backward_ref(
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         sig = torch.sigmoid(logits[..., : 2 * n])
-        g_gates = g_h[..., : 2 * n] * sig * (1 - sig) * torch.tensor([1.0] * n + [2.0] * n, dtype=acc, device=sig.device)
+        scale = torch.tensor([1.0] * n + [2.0] * n, dtype=acc, device=sig.device)  # sigmoid, 2·sigmoid
+        g_gates = g_h[..., : 2 * n] * sig * (1 - sig) * scale
         g_res = sinkhorn_knopp_backward_ref(grad_res, logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
         g = torch.cat([g_gates, g_res.to(acc).flatten(-2)], dim=-1)
         if z is not None:

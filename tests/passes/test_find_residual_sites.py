@@ -1,6 +1,12 @@
 """The residual finder on the architectures it must handle, and on adds that are not residuals."""
 
 import torch
+from torch import nn
+
+import mhc_rewrite
+from mhc_rewrite.passes import find_residual_sites
+from mhc_rewrite.trace import trace
+
 from models import (
     GPT,
     GPTConfig,
@@ -11,11 +17,6 @@ from models import (
     ResNetish,
     hf_llama,
 )
-from torch import nn
-
-import mhc_rewrite
-from mhc_rewrite.passes import find_residual_sites
-from mhc_rewrite.trace import trace
 
 
 def _sites(model, example_inputs=None, **kw):
@@ -135,3 +136,22 @@ def test_find_residuals_does_not_modify_the_model():
     assert all(i.rewritten and i.chain == 0 for i in infos)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any("mhc" in name for name, _ in model.named_parameters())
+
+
+def test_in_place_residual_through_export():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.shape[0] > 100:  # control flow on a size: symbolic_trace fails, torch.export handles it
+                return x
+            y = x.clone()
+            y += self.fc(y)  # aten.add_ in the exported graph
+            return y
+
+    model, x = InPlace(), torch.randn(3, 8)
+    gm = mhc_rewrite.convert(model, example_inputs=(x,))
+    assert [s.module_path for s in gm.mhc_sites] == ["fc"]
+    torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)

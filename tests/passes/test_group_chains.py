@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from models import GPT, GPTConfig, PostNormNet, ResidualMLP, hf_gpt2, hf_llama
 from torch import nn
 
 import mhc_rewrite
+
+from models import GPT, GPTConfig, PostNormNet, ResidualMLP, hf_gpt2, hf_llama
 
 
 def _count(gm, op):
