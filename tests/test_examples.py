@@ -22,3 +22,12 @@ def test_main_demo_runs_and_preserves_the_function():
     assert relative <= 1e-5
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", out)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_quickstart_runs():
+    result = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "4 sites rewritten" in result.stdout
+    err = float(re.search(r"max \|converted - original\| = ([0-9.e+-]+)", result.stdout).group(1))
+    assert err < 1e-5

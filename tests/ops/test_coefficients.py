@@ -90,3 +90,12 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mhc.coefficients.default, (X, phi, alpha, bias, 4, 20, "mhc"))
     torch.library.opcheck(torch.ops.mhc.coefficients.default, (None, None, None, bias, 4, 20, "mhc"))
     torch.library.opcheck(torch.ops.mhc.coefficients.default, (X, phi, alpha, bias, 4, 20, "hc"))
+
+
+def test_opcheck_backward():
+    X, phi, alpha, bias = (t.float() for t in _params(4, 8))
+    grads = (torch.randn(3, 5, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 4, 4))
+    torch.library.opcheck(torch.ops.mhc.coefficients_backward.default, (*grads, X, phi, alpha, bias, 4, 20, "mhc"))
+    static = (torch.randn(4), torch.randn(4), torch.randn(4, 4))
+    torch.library.opcheck(torch.ops.mhc.coefficients_backward.default,
+                          (*static, None, None, None, bias, 4, 20, "mhc"))
