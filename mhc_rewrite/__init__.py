@@ -9,8 +9,10 @@ from . import ops  # noqa: F401  (registers torch.ops.mhc.*)
 from .config import MHCConfig
 from .convert import convert, find_residuals
 from .errors import MHCRewriteError, TraceError
+from .inspect import explain, stream_diagnostics
 from .passes.sites import SiteInfo
 from .site_params import MHCSiteParams
 
-__all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "convert", "find_residuals"]
+__all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "convert", "explain",
+           "find_residuals", "stream_diagnostics"]
 __version__ = "0.1.0"

@@ -117,5 +117,6 @@ def convert(
     gm.mhc_sites = [site.info() for site in sites if site.rewrite]
     gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
+    gm.mhc_model_name = type(model).__name__
     log.info("rewrote %d residual site(s) in %d chain(s)", len(gm.mhc_sites), len({s.chain for s in gm.mhc_sites}))
     return gm

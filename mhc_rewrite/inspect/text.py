@@ -6,7 +6,7 @@ from typing import Iterable
 
 from torch import fx
 
-from .passes.sites import SiteInfo
+from ..passes.sites import SiteInfo
 
 
 def sites_table(sites: Iterable[SiteInfo]) -> str:
@@ -28,7 +28,8 @@ def sites_table(sites: Iterable[SiteInfo]) -> str:
     return "\n".join(lines)
 
 
-def _in_module(node: fx.Node, module_path: str) -> bool:
+def in_module(node: fx.Node, module_path: str) -> bool:
+    """True when ``node`` runs inside ``module_path`` (or belongs to an mHC site of it)."""
     paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
     if node.op in ("call_module", "get_attr"):
         paths.append(node.target)
@@ -52,7 +53,7 @@ def block_code(gm: fx.GraphModule, module_path: str) -> str:
     Example:
         >>> print(block_code(converted, "model.layers.0"))
     """
-    names = {node.name for node in gm.graph.nodes if _in_module(node, module_path) and not _noise(node)}
+    names = {node.name for node in gm.graph.nodes if in_module(node, module_path) and not _noise(node)}
     lines = []
     for line in gm.code.splitlines():
         statement = line.strip().split(";  ")[0]

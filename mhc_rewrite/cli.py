@@ -1,0 +1,146 @@
+"""Command line: ``python -m mhc_rewrite inspect MODULE:FACTORY [--n 4] [--out DIR]``.
+
+``FACTORY`` is a function (in an importable module, or a ``path/to/file.py``) that returns a model, or a pair
+``(model, example_inputs)``. The command converts the model, prints the report, and with ``--out`` writes
+``report.json``, drawings of one block before and after (``block_before.png``, ``block_after.png``), and, when
+example inputs are given, ``h_res.png`` (heat maps) and ``gains.png`` (Amax gain against depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import convert
+from .inspect import explain, stream_diagnostics
+from .trace import split_example_inputs, trace
+
+
+class CLIError(Exception):
+    """A problem with what was asked on the command line; printed without a traceback."""
+
+
+def load_factory(spec: str):
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    if ":" not in spec:
+        raise CLIError(f"expected MODULE:FACTORY (e.g. mypkg.models:build), got {spec!r}")
+    module_name, _, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise CLIError(f"no such file: {module_name}")
+        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        loader_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise CLIError(f"cannot import module {module_name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise CLIError(f"module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise CLIError(f"{spec} is not callable (a {type(factory).__name__})")
+    return factory
+
+
+def build(factory):
+    """Call the factory; return ``(model, example_inputs or None)``."""
+    try:
+        made = factory()
+    except Exception as exc:
+        raise CLIError(f"the factory raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(made, nn.Module):
+        return made, None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        return made
+    raise CLIError(f"the factory must return an nn.Module or (model, example_inputs), got {type(made).__name__}")
+
+
+def _first_block(sites) -> str:
+    path = sites[0].module_path
+    parent = path.rsplit(".", 1)[0] if "." in path else path
+    return parent if any(s.module_path.startswith(parent + ".") for s in sites[1:]) else path
+
+
+def inspect_command(args) -> int:
+    from .inspect import draw_graph, plot_gains, plot_h_res
+
+    model, example_inputs = build(load_factory(args.factory))
+    options = dict(n=args.n, dynamic=not args.static, mode=args.mode, init=args.init,
+                   sinkhorn_iters=args.sinkhorn_iters)
+    converted = convert(model, example_inputs=example_inputs, **options)
+    if converted is model:
+        print(explain(model, example_inputs, **options))
+        return 0
+    report = explain(converted)
+    diagnostics = None
+    if example_inputs is not None:
+        call_args, call_kwargs = split_example_inputs(example_inputs)
+        diagnostics = stream_diagnostics(converted, *call_args, **call_kwargs)
+        report.diagnostics = diagnostics.to_dict()
+    print(report)
+    if diagnostics is not None:
+        forward, backward = diagnostics.max_gain()
+        print(f"\nAmax gain of the composite residual map: forward {forward:.4f}, backward {backward:.4f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        block = args.block or _first_block(converted.mhc_sites)
+        written = [draw_graph(trace(model, example_inputs), out / "block_before.png", block, title=f"{block}: before"),
+                   draw_graph(converted, out / "block_after.png", block, title=f"{block}: after")]
+        if diagnostics is not None:
+            written += [plot_h_res(diagnostics, out / "h_res.png"), plot_gains(diagnostics, out / "gains.png")]
+        (out / "report.json").write_text(report.to_json())
+        written.append(out / "report.json")
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mhc_rewrite",
+                                     description="mHC (Manifold-Constrained Hyper-Connections) for any PyTorch model.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser(
+        "inspect", help="convert a model and show what was rewritten",
+        description="Convert a model to mHC, print the report of its residual sites, and write pictures and "
+                    "report.json. The model comes from a factory function.")
+    inspect.add_argument("factory", metavar="MODULE:FACTORY",
+                         help="a function returning a model or (model, example_inputs): "
+                              "'package.module:function' (importable from here) or 'path/to/file.py:function'")
+    inspect.add_argument("--n", type=int, default=4, help="number of residual streams (default 4)")
+    inspect.add_argument("--static", action="store_true", help="static mappings instead of per-token ones")
+    inspect.add_argument("--mode", choices=("mhc", "hc"), default="mhc",
+                         help="'mhc' (doubly-stochastic H_res, default) or 'hc' (unconstrained)")
+    inspect.add_argument("--init", choices=("identity", "paper"), default="identity",
+                         help="'identity' (function-preserving, default) or 'paper' (a=0.01, b=0)")
+    inspect.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn-Knopp rounds (default 20)")
+    inspect.add_argument("--block", help="module path of the block to draw (default: the block of the first site)")
+    inspect.add_argument("--out", metavar="DIR", help="write report.json and the pictures into DIR")
+    inspect.set_defaults(run=inspect_command)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    torch.manual_seed(0)
+    try:
+        return args.run(args)
+    except (CLIError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

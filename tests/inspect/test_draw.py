@@ -1,0 +1,38 @@
+"""Pictures: each file written is decoded and has the size asked for."""
+
+import xml.etree.ElementTree as ET
+
+import matplotlib.image as mpimg
+import torch
+from models import ResidualMLP
+from torch import fx
+
+import mhc_rewrite
+from mhc_rewrite.inspect import block_graph, draw_graph, plot_gains, plot_h_res, stream_diagnostics
+
+
+def _png_size(path):
+    image = mpimg.imread(path)
+    return image.shape[1], image.shape[0]  # (width, height)
+
+
+def test_graph_drawing_png_and_svg(tmp_path):
+    gm = mhc_rewrite.convert(ResidualMLP(depth=3))
+    graph = block_graph(gm, "blocks.1")
+    mhc_nodes = {name for name, is_mhc in graph.nodes(data="mhc") if is_mhc}
+    assert {"mhc_blocks_1_coefficients", "mhc_blocks_1_pre_mix", "mhc_blocks_1_post_res_mix"} <= mhc_nodes
+    assert "blocks_1_fc1" in graph.nodes and "blocks_1_fc1" not in mhc_nodes
+    assert not any(name.endswith(("_phi", "_bias")) for name in graph.nodes)  # weights are left out
+
+    png = draw_graph(gm, tmp_path / "after.png", "blocks.1", dpi=50, figsize=(8, 6))
+    assert _png_size(png) == (400, 300)
+    svg = draw_graph(fx.symbolic_trace(ResidualMLP()), tmp_path / "before.svg", "blocks.0", figsize=(8, 6))
+    root = ET.parse(svg).getroot()
+    assert (root.get("width"), root.get("height")) == ("576pt", "432pt")  # 72 pt per inch
+
+
+def test_heat_maps_and_gain_plot(tmp_path):
+    gm = mhc_rewrite.convert(ResidualMLP(depth=8))
+    diag = stream_diagnostics(gm, torch.randn(4, 6))
+    assert _png_size(plot_h_res(diag, tmp_path / "h_res.png", dpi=50, columns=6)) == (600, 220)  # 2 rows
+    assert _png_size(plot_gains(diag, tmp_path / "gains.png", dpi=100)) == (600, 350)
