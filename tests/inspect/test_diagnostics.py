@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from models import GPT, GPTConfig, ResidualMLP
 
 import mhc_rewrite
 from mhc_rewrite.inspect import amax_gain, composite_gains, stream_diagnostics
 from mhc_rewrite.ops import sinkhorn_knopp_ref
+
+from models import GPT, GPTConfig, ResidualMLP
 
 
 def _birkhoff(n, seed):

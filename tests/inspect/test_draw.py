@@ -4,11 +4,12 @@ import xml.etree.ElementTree as ET
 
 import matplotlib.image as mpimg
 import torch
-from models import ResidualMLP
 from torch import fx
 
 import mhc_rewrite
 from mhc_rewrite.inspect import block_graph, draw_graph, plot_gains, plot_h_res, stream_diagnostics
+
+from models import ResidualMLP
 
 
 def _png_size(path):

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from models import NotResidualNet, hf_llama
 
 import mhc_rewrite
+
+from models import NotResidualNet, hf_llama
 
 
 def test_report_of_an_unconverted_llama():
