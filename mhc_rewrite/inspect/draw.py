@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch import fx  # noqa: E402
 
 from .diagnostics import StreamDiagnostics  # noqa: E402
-from .text import in_module  # noqa: E402
+from .text import in_module, is_noise  # noqa: E402
 
 MHC_COLOR, PARAM_COLOR, IO_COLOR, OP_COLOR = "#f28e2b", "#fcd9b0", "#59a14f", "#bab0ac"
 
@@ -42,12 +42,13 @@ def _label(node: fx.Node) -> str:
 def _drawn_input(node: fx.Node) -> bool:
     """Inputs of a block worth drawing: tensors coming in, not weights or sizes."""
     val = node.meta.get("val")
-    return node.op != "get_attr" and (val is None or isinstance(val, torch.Tensor))
+    return node.op != "get_attr" and not is_noise(node) and (val is None or isinstance(val, torch.Tensor))
 
 
 def block_graph(gm: fx.GraphModule, module_path: Optional[str] = None) -> nx.DiGraph:
     """The dataflow graph of ``gm`` (or of the nodes inside ``module_path`` and their direct inputs)."""
-    keep = [n for n in gm.graph.nodes if n.op != "get_attr" and (module_path is None or in_module(n, module_path))]
+    keep = [n for n in gm.graph.nodes
+            if n.op != "get_attr" and not is_noise(n) and (module_path is None or in_module(n, module_path))]
     if module_path is not None:  # the tensors flowing into the block, so its inputs are visible
         keep = list(dict.fromkeys([src for n in keep for src in n.all_input_nodes if _drawn_input(src)] + keep))
     graph = nx.DiGraph()

@@ -37,7 +37,7 @@ def in_module(node: fx.Node, module_path: str) -> bool:
     return any(p == module_path or p.startswith(module_path + ".") for p in paths if p)
 
 
-def _noise(node: fx.Node) -> bool:
+def is_noise(node: fx.Node) -> bool:
     """Reads of the model's own weights and torch.export's dtype asserts: they crowd out the structure."""
     if node.op == "get_attr":
         return "mhc" not in node.meta
@@ -53,7 +53,7 @@ def block_code(gm: fx.GraphModule, module_path: str) -> str:
     Example:
         >>> print(block_code(converted, "model.layers.0"))
     """
-    names = {node.name for node in gm.graph.nodes if in_module(node, module_path) and not _noise(node)}
+    names = {node.name for node in gm.graph.nodes if in_module(node, module_path) and not is_noise(node)}
     lines = []
     for line in gm.code.splitlines():
         statement = line.strip().split(";  ")[0]
