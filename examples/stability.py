@@ -1,0 +1,200 @@
+"""Reproduce the mHC paper's stability comparison at small scale, on CPU: plain residual vs HC vs mHC.
+
+    python examples/stability.py --out results/stability            # full run (about 12 minutes on 2 cores)
+    python examples/stability.py --quick --out /tmp/stability        # smoke run (under a minute)
+
+One deep, narrow GPT is built once; the three variants are made from it by this library: the plain model
+(``baseline``), ``convert(mode="hc")`` (unconstrained hyper-connections) and ``convert(mode="mhc")``. Every variant
+starts from the same weights (the conversions are function-preserving), sees the same batches in the same order,
+and trains with the same optimiser, learning rate and number of steps. The data is character-level (bytes) text:
+the Python standard library's own source files, which every machine with Python has, split into train and
+held-out parts. Recorded per variant: training and validation loss, gradient norm, and the forward/backward
+Amax gain of the composite residual map (``mhc_rewrite.stream_diagnostics`` on a fixed held-out batch).
+Writes ``results.json`` and ``stability.png`` into ``--out``.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nanogpt import GPT, GPTConfig  # noqa: E402
+
+import mhc_rewrite  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are a comfort, not a requirement
+    def tqdm(iterable, **_):
+        return iterable
+
+VARIANTS = ("baseline", "hc", "mhc")
+
+
+def stdlib_text(max_bytes: int) -> torch.Tensor:
+    """The bytes of the standard library's .py files (sorted, so every machine reads them in one order)."""
+    root = Path(os.__file__).parent
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
+
+
+def batches(data: torch.Tensor, steps: int, batch: int, block: int, seed: int):
+    """The same sequence of random windows for every variant."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - block - 1, (batch,), generator=g)
+        window = torch.stack([data[s:s + block + 1] for s in starts])
+        yield window[:, :-1], window[:, 1:]
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, val_batches):
+    return sum(loss_of(model, x, y).item() for x, y in val_batches) / len(val_batches)
+
+
+def train_variant(variant, args, train, val_batches, probe):
+    torch.manual_seed(args.seed)
+    config = GPTConfig(block_size=args.block, n_layer=args.layers, n_embd=args.width, n_head=args.heads)
+    model = GPT(config)
+    if variant != "baseline":
+        model = mhc_rewrite.convert(model, n=args.n, mode=variant)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    log = {"step": [], "train_loss": [], "grad_norm": [], "eval_step": [], "val_loss": [],
+           "amax_forward": [], "amax_backward": []}
+    start = time.perf_counter()
+    bar = tqdm(enumerate(batches(train, args.steps, args.batch, args.block, args.seed)), total=args.steps,
+               desc=f"{variant:>8}", leave=True)
+    for step, (x, y) in bar:
+        model.train()
+        loss = loss_of(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()  # measure, no clip
+        opt.step()
+        sched.step()
+        log["step"].append(step)
+        log["train_loss"].append(loss.item())
+        log["grad_norm"].append(grad_norm)
+        if step % args.eval_every == 0 or step == args.steps - 1:
+            model.eval()
+            log["eval_step"].append(step)
+            log["val_loss"].append(evaluate(model, val_batches))
+            if variant == "baseline":  # a plain residual's map is the identity: gain 1
+                forward = backward = 1.0
+            else:
+                forward, backward = mhc_rewrite.stream_diagnostics(model, probe).max_gain()
+            log["amax_forward"].append(forward)
+            log["amax_backward"].append(backward)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{log['val_loss'][-1]:.3f}", amax=f"{forward:.2f}")
+        if not math.isfinite(loss.item()):
+            print(f"{variant}: loss is {loss.item()} at step {step}; stopping this variant")
+            break
+    tail = log["train_loss"][-max(1, args.steps // 20):]
+    summary = {
+        "final_train_loss": sum(tail) / len(tail),
+        "final_val_loss": log["val_loss"][-1],
+        "max_amax_forward": max(log["amax_forward"]),
+        "max_amax_backward": max(log["amax_backward"]),
+        "max_grad_norm": max(log["grad_norm"]),
+        "seconds": time.perf_counter() - start,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return summary, log
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=100)
+    for variant, (_, log) in results.items():
+        smooth = max(1, len(log["train_loss"]) // 50)
+        train = [sum(log["train_loss"][max(0, i - smooth):i + 1]) / len(log["train_loss"][max(0, i - smooth):i + 1])
+                 for i in range(len(log["train_loss"]))]
+        axes[0, 0].plot(log["step"], train, label=variant)
+        axes[0, 1].plot(log["eval_step"], log["val_loss"], marker="o", markersize=3, label=variant)
+        axes[1, 0].plot(log["step"], log["grad_norm"], label=variant, linewidth=0.8)
+        axes[1, 1].plot(log["eval_step"], log["amax_forward"], marker="o", markersize=3, label=f"{variant} forward")
+        axes[1, 1].plot(log["eval_step"], log["amax_backward"], linestyle="--", label=f"{variant} backward")
+    for ax, title in zip(axes.flat, ("training loss (smoothed)", "validation loss", "gradient norm",
+                                     "Amax gain of the composite H_res")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1, 0].set_yscale("log")
+    axes[1, 1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory for results.json and stability.png")
+    parser.add_argument("--quick", action="store_true", help="a tiny run for smoke tests (under a minute)")
+    parser.add_argument("--layers", type=int, default=24, help="transformer blocks (2 residual sites each)")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--n", type=int, default=4, help="streams for hc and mhc")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block", type=int, default=64, help="sequence length")
+    parser.add_argument("--lr", type=float, default=6e-3, help="high on purpose: the comparison is about stability")
+    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--data-bytes", type=int, default=4_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.steps, args.eval_every, args.data_bytes, args.batch = 4, 12, 6, 200_000, 8
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    data = stdlib_text(args.data_bytes)
+    split = int(0.9 * len(data))
+    train, val = data[:split], data[split:]
+    val_batches = list(batches(val, 4, args.batch, args.block, seed=1234))
+    probe = val_batches[0][0][:4]
+    print(f"data: {len(data):,} bytes of the standard library ({len(train):,} train / {len(val):,} held out); "
+          f"GPT {args.layers} layers x {args.width} wide, lr {args.lr}, {args.steps} steps")
+
+    results = {variant: train_variant(variant, args, train, val_batches, probe) for variant in VARIANTS}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {variant: s for variant, (s, _) in results.items()}
+    (out / "results.json").write_text(json.dumps({
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        **summary,
+        "curves": {variant: log for variant, (_, log) in results.items()},
+    }, indent=1))
+    plot(results, out / "stability.png")
+    print(f"\n{'variant':<10}{'train':>8}{'val':>8}{'amax fwd':>10}{'amax bwd':>10}{'max |g|':>10}{'s':>8}")
+    for variant, s in summary.items():
+        print(f"{variant:<10}{s['final_train_loss']:>8.3f}{s['final_val_loss']:>8.3f}{s['max_amax_forward']:>10.3f}"
+              f"{s['max_amax_backward']:>10.3f}{s['max_grad_norm']:>10.2f}{s['seconds']:>8.0f}")
+    print(f"wrote {out / 'results.json'} and {out / 'stability.png'}")
+
+
+if __name__ == "__main__":
+    main()
