@@ -2,57 +2,26 @@
 
     python benchmarks/convert_time.py [--layers 12 24 48 96] [--hf]
 
-For a pre-norm decoder traced with torch.fx.symbolic_trace (every layer: attention and MLP residuals),
+For examples/nanogpt.py (a pre-norm GPT that torch.fx.symbolic_trace can trace; attention and MLP residuals),
 reports the trace time, the time of the passes (find sites, group chains, rewrite) and the total, per depth,
 with the graph size. ``--hf`` adds Hugging Face Llama built from config, traced by torch.export.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-import mhc_rewrite
-from mhc_rewrite.config import MHCConfig
-from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
-from mhc_rewrite.trace import trace
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from nanogpt import GPT, GPTConfig  # noqa: E402
 
-
-class Layer(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-        self.heads, self.width = heads, width
-
-    def attention(self, x):  # (B, T, C), traceable without reading sizes
-        qkv, w = self.qkv(x), self.width
-        q, k, v = (qkv[..., i * w:(i + 1) * w].unflatten(-1, (self.heads, -1)).transpose(1, 2) for i in range(3))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).flatten(-2))
-
-    def forward(self, x):
-        x = x + self.attention(self.ln_1(x))
-        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
-
-
-class Decoder(nn.Module):
-    def __init__(self, layers: int, width: int = 64, heads: int = 4, vocab: int = 256):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.layers = nn.ModuleList([Layer(width, heads) for _ in range(layers)])
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.embed(idx)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
+import mhc_rewrite  # noqa: E402
+from mhc_rewrite.config import MHCConfig  # noqa: E402
+from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc  # noqa: E402
+from mhc_rewrite.trace import trace  # noqa: E402
 
 
 def _median_seconds(fn, repeats):
@@ -91,7 +60,7 @@ def main():
     torch.manual_seed(0)
     header = ("model", "layers", "nodes", "trace s", "passes s", "convert s", "passes us/node")
     print(f"{header[0]:<22}" + "".join(f"{h:>{w}}" for h, w in zip(header[1:], (7, 8, 10, 10, 11, 16))))
-    rows = [("decoder (symbolic)", n, Decoder(n), None) for n in args.layers]
+    rows = [("nanogpt (symbolic)", n, GPT(GPTConfig(n_layer=n)), None) for n in args.layers]
     if args.hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -5,7 +5,6 @@ Used by the examples and benchmarks: ``from nanogpt import GPT, GPTConfig``.
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -1,9 +1,14 @@
 """The README's main job (examples/convert_llama.py) runs and reports what it should."""
 
+import json
+import math
 import os
 import re
 import subprocess
 import sys
+
+import matplotlib.image as mpimg
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,3 +36,21 @@ def test_quickstart_runs():
     assert "4 sites rewritten" in result.stdout
     err = float(re.search(r"max \|converted - original\| = ([0-9.e+-]+)", result.stdout).group(1))
     assert err < 1e-5
+
+
+def test_stability_quick_run(tmp_path):
+    result = subprocess.run([sys.executable, "examples/stability.py", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    keys = {"final_train_loss", "final_val_loss", "max_amax_forward", "max_amax_backward", "max_grad_norm"}
+    for variant in ("baseline", "hc", "mhc"):
+        assert keys <= results[variant].keys()
+        assert all(math.isfinite(results[variant][k]) for k in keys)
+    curves = results["curves"]
+    # every variant starts from the same function: the conversions are exact at init
+    assert curves["hc"]["train_loss"][0] == pytest.approx(curves["baseline"]["train_loss"][0], rel=1e-5)
+    assert curves["mhc"]["train_loss"][0] == pytest.approx(curves["baseline"]["train_loss"][0], rel=1e-5)
+    # a product of non-negative row-stochastic maps has every row sum exactly 1
+    assert results["mhc"]["max_amax_forward"] == pytest.approx(1.0, abs=1e-4)
+    assert mpimg.imread(tmp_path / "stability.png").shape[:2] == (700, 1100)
