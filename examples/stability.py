@@ -122,22 +122,25 @@ def train_variant(variant, args, train, val_batches, probe):
     return summary, log
 
 
-def plot(results, path):
+def plot(curves, path):
+    """The four panels of the comparison, from the per-variant curves of ``results.json``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=100)
-    for variant, (_, log) in results.items():
+    for color, (variant, log) in zip(("C0", "C1", "C2"), curves.items()):
         smooth = max(1, len(log["train_loss"]) // 50)
         train = [sum(log["train_loss"][max(0, i - smooth):i + 1]) / len(log["train_loss"][max(0, i - smooth):i + 1])
                  for i in range(len(log["train_loss"]))]
-        axes[0, 0].plot(log["step"], train, label=variant)
-        axes[0, 1].plot(log["eval_step"], log["val_loss"], marker="o", markersize=3, label=variant)
-        axes[1, 0].plot(log["step"], log["grad_norm"], label=variant, linewidth=0.8)
-        axes[1, 1].plot(log["eval_step"], log["amax_forward"], marker="o", markersize=3, label=f"{variant} forward")
-        axes[1, 1].plot(log["eval_step"], log["amax_backward"], linestyle="--", label=f"{variant} backward")
+        axes[0, 0].plot(log["step"], train, color=color, label=variant)
+        axes[0, 1].plot(log["eval_step"], log["val_loss"], color=color, marker="o", markersize=3, label=variant)
+        axes[1, 0].plot(log["step"], log["grad_norm"], color=color, label=variant, linewidth=0.8)
+        axes[1, 1].plot(log["eval_step"], log["amax_forward"], color=color, marker="o", markersize=3,
+                        label=f"{variant} forward")
+        axes[1, 1].plot(log["eval_step"], log["amax_backward"], color=color, linestyle="--",
+                        label=f"{variant} backward")
     for ax, title in zip(axes.flat, ("training loss (smoothed)", "validation loss", "gradient norm",
                                      "Amax gain of the composite H_res")):
         ax.set_title(title, fontsize=10)
@@ -166,7 +169,14 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--data-bytes", type=int, default=4_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-only", action="store_true", help="redraw stability.png from --out/results.json")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.plot_only:
+        saved = json.loads((out / "results.json").read_text())
+        plot(saved["curves"], out / "stability.png")
+        print_table({variant: saved[variant] for variant in VARIANTS})
+        return
     if args.quick:
         args.layers, args.steps, args.eval_every, args.data_bytes, args.batch = 4, 12, 6, 200_000, 8
 
@@ -180,7 +190,6 @@ def main(argv=None):
           f"GPT {args.layers} layers x {args.width} wide, lr {args.lr}, {args.steps} steps")
 
     results = {variant: train_variant(variant, args, train, val_batches, probe) for variant in VARIANTS}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {variant: s for variant, (s, _) in results.items()}
     (out / "results.json").write_text(json.dumps({
@@ -188,12 +197,16 @@ def main(argv=None):
         **summary,
         "curves": {variant: log for variant, (_, log) in results.items()},
     }, indent=1))
-    plot(results, out / "stability.png")
-    print(f"\n{'variant':<10}{'train':>8}{'val':>8}{'amax fwd':>10}{'amax bwd':>10}{'max |g|':>10}{'s':>8}")
-    for variant, s in summary.items():
-        print(f"{variant:<10}{s['final_train_loss']:>8.3f}{s['final_val_loss']:>8.3f}{s['max_amax_forward']:>10.3f}"
-              f"{s['max_amax_backward']:>10.3f}{s['max_grad_norm']:>10.2f}{s['seconds']:>8.0f}")
+    plot({variant: log for variant, (_, log) in results.items()}, out / "stability.png")
+    print_table(summary)
     print(f"wrote {out / 'results.json'} and {out / 'stability.png'}")
+
+
+def print_table(summary):
+    print(f"\n{'variant':<10}{'train':>8}{'val':>8}{'amax fwd':>12}{'amax bwd':>12}{'max |g|':>10}{'s':>8}")
+    for variant, s in summary.items():
+        print(f"{variant:<10}{s['final_train_loss']:>8.3f}{s['final_val_loss']:>8.3f}{s['max_amax_forward']:>12.4g}"
+              f"{s['max_amax_backward']:>12.4g}{s['max_grad_norm']:>10.2f}{s['seconds']:>8.0f}")
 
 
 if __name__ == "__main__":
