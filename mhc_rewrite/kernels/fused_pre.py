@@ -10,6 +10,7 @@ Static mode (``DYNAMIC=False``) runs pass 2 only, with ``H_pre [n]`` shared by a
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import layout
 from .layout import flat_layout, gains, group_matrices, normalise, sinkhorn_start, tanh
@@ -232,7 +233,7 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
         h_post = h_res = h_pre  # unused by the kernel in static mode
         args = (h_pre, h_pre, h_pre)
     grid = (triton.cdiv(T, block_t),)
-    _fused_pre_mix_fwd[grid](x, *args, y, h_pre, h_post, h_res, T, C, RMS_EPS, N=n,
+    wrap_triton(_fused_pre_mix_fwd)[grid](x, *args, y, h_pre, h_post, h_res, T, C, RMS_EPS, N=n,
                              NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1,
                              DYNAMIC=dynamic, BLOCK_T=block_t, BLOCK_C=block_c)
     y = y.reshape(*lead, C)
@@ -257,7 +258,7 @@ def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
     du, d_logits, d_gain = (torch.empty((T, M), **f32) for _ in range(3))
     scratch = torch.empty((T, 2 * iters, _mp(n)), **f32) if mode == "mhc" else du
     grid = (triton.cdiv(T, block_t),)
-    _fused_pre_mix_bwd[grid](x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n),
+    wrap_triton(_fused_pre_mix_bwd)[grid](x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n),
                              d_y.reshape(T, C).contiguous(), rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n),
                              d_x, du, d_logits, d_gain, scratch, T, C, RMS_EPS, N=n, NP=triton.next_power_of_2(n),
                              MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1, BLOCK_T=block_t,

@@ -5,6 +5,7 @@ for tracing, and autograd.
 """
 
 from .coefficients import MODES, coefficients, coefficients_ref, num_logits
+from .fused import fused_post_res_mix, fused_pre_mix, use_triton
 from .mixing import expand_streams, post_res_mix, post_res_mix_ref, pre_mix, pre_mix_ref, reduce_streams
 from .sinkhorn import sinkhorn_knopp, sinkhorn_knopp_ref
 
@@ -13,6 +14,8 @@ __all__ = [
     "coefficients",
     "coefficients_ref",
     "expand_streams",
+    "fused_post_res_mix",
+    "fused_pre_mix",
     "num_logits",
     "post_res_mix",
     "post_res_mix_ref",
@@ -21,4 +24,5 @@ __all__ = [
     "reduce_streams",
     "sinkhorn_knopp",
     "sinkhorn_knopp_ref",
+    "use_triton",
 ]

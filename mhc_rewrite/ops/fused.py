@@ -1,0 +1,134 @@
+"""The fused mHC ops, ``torch.library.triton_op``s that Inductor sees and schedules on CUDA.
+
+    mhc::fused_pre_mix(X, phi, alpha, bias, n, iters, mode) -> (y, h_pre, h_post, h_res)
+        = pre_mix(X, coefficients(X, ...)[0]) and the coefficients, in one kernel (dynamic sites)
+    mhc::fused_post_res_mix(X, f, h_post, h_res) -> X'     = post_res_mix, in one kernel
+
+Where the Triton kernels run: CUDA tensors, or any tensor under ``TRITON_INTERPRET=1`` (the CPU interpreter, for
+tests). Elsewhere the ops compute their pure-PyTorch reference, so a lowered graph runs everywhere.
+``passes/lower_fused.py`` puts these ops in place of the reference ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op
+
+from .coefficients import coefficients_backward_ref, coefficients_ref
+from .mixing import post_res_mix_ref, pre_mix_ref
+from .sinkhorn import compute_dtype
+
+try:
+    from mhc_rewrite.kernels import fused_pre, post_res
+except ImportError:  # no triton (not Linux): the reference path only
+    fused_pre = post_res = None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for this tensor: CUDA (fake CUDA tensors too, so that Inductor captures
+    the kernels when it traces the op), or real CPU tensors under the interpreter (``TRITON_INTERPRET=1``)."""
+    if fused_pre is None or t.dtype == torch.float64:
+        return False
+    return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and not is_fake(t))
+
+
+# --- fused coefficients + pre-mix -------------------------------------------------------------------
+
+
+@triton_op("mhc::fused_pre_mix", mutates_args=())
+def fused_pre_mix(
+    streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, n: int, sinkhorn_iters: int,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pre_mix(X, h_pre), h_pre, h_post, h_res)`` with ``(h_pre, h_post, h_res) = coefficients(X, ...)``."""
+    if use_triton(streams):
+        return fused_pre.fused_pre_mix_fwd(streams, phi.float().contiguous(), alpha, bias, None, n, sinkhorn_iters,
+                                           mode)
+    h_pre, h_post, h_res = coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    return pre_mix_ref(streams, h_pre), h_pre.clone(), h_post.clone(), h_res.clone()
+
+
+def _pre_backward_ref(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, iters, mode):
+    acc = compute_dtype(streams.dtype)
+    g, x = d_y.to(acc), streams.to(acc)
+    d_h_pre = d_h_pre + torch.einsum("...c,...ic->...i", g, x)  # the pre-mix's share of dH_pre
+    d_x, d_phi, d_alpha, d_bias = coefficients_backward_ref(d_h_pre, d_h_post, d_h_res, streams, phi, alpha, bias, n,
+                                                            iters, mode)
+    d_x = (d_x.to(acc) + h_pre.to(acc).unsqueeze(-1) * g.unsqueeze(-2)).to(streams.dtype)
+    return d_x, d_phi, d_alpha, d_bias
+
+
+@triton_op("mhc::fused_pre_mix_backward", mutates_args=())
+def fused_pre_mix_backward(
+    streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, h_pre: torch.Tensor,
+    d_y: torch.Tensor, d_h_pre: torch.Tensor, d_h_post: torch.Tensor, d_h_res: torch.Tensor, n: int,
+    sinkhorn_iters: int, mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`fused_pre_mix`."""
+    args = (streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, sinkhorn_iters, mode)
+    if use_triton(streams):
+        d_x, d_phi, d_alpha, d_bias = fused_pre.fused_pre_mix_bwd(*args)
+        return d_x, d_phi.to(phi.dtype), d_alpha, d_bias
+    return _pre_backward_ref(*args)
+
+
+def _pre_setup(ctx, inputs, output):
+    streams, phi, alpha, bias, n, iters, mode = inputs
+    ctx.save_for_backward(streams, phi, alpha, bias, output[1])
+    ctx.args = (n, iters, mode)
+
+
+def _pre_backward(ctx, d_y, d_h_pre, d_h_post, d_h_res):
+    streams, phi, alpha, bias, h_pre = ctx.saved_tensors
+    d_h_pre = torch.zeros_like(h_pre) if d_h_pre is None else d_h_pre
+    d_h_post = torch.zeros_like(h_pre) if d_h_post is None else d_h_post
+    d_h_res = h_pre.new_zeros((*h_pre.shape, h_pre.shape[-1])) if d_h_res is None else d_h_res
+    grads = torch.ops.mhc.fused_pre_mix_backward(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res,
+                                                 *ctx.args)
+    return (*grads, None, None, None)
+
+
+fused_pre_mix.register_autograd(_pre_backward, setup_context=_pre_setup)
+
+
+# --- fused post + residual mix ------------------------------------------------------------------------
+
+
+@triton_op("mhc::fused_post_res_mix", mutates_args=())
+def fused_post_res_mix(
+    streams: torch.Tensor, branch: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
+) -> torch.Tensor:
+    """``H_res · X + H_post^T · f`` in one read of ``X`` and ``f``; see ``ops/mixing.py``."""
+    if use_triton(streams):
+        return post_res.post_res_mix_fwd(streams, branch, h_post, h_res)
+    return post_res_mix_ref(streams, branch, h_post, h_res)
+
+
+@triton_op("mhc::fused_post_res_mix_backward", mutates_args=())
+def fused_post_res_mix_backward(
+    streams: torch.Tensor, branch: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_streams, d_branch, d_h_post, d_h_res)`` of :func:`fused_post_res_mix`."""
+    if use_triton(streams):
+        return post_res.post_res_mix_bwd(streams, branch, h_post, h_res, grad)
+    acc = compute_dtype(streams.dtype)
+    g, x, f = grad.to(acc), streams.to(acc), branch.to(acc)
+    d_x = torch.einsum("...ij,...ic->...jc", h_res.to(acc), g).to(streams.dtype)
+    d_f = torch.einsum("...i,...ic->...c", h_post.to(acc), g).to(branch.dtype)
+    d_r = torch.einsum("...ic,...jc->...ij", g, x).sum_to_size(h_res.shape).to(h_res.dtype)
+    d_p = torch.einsum("...ic,...c->...i", g, f).sum_to_size(h_post.shape).to(h_post.dtype)
+    return d_x, d_f, d_p, d_r
+
+
+def _post_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _post_backward(ctx, grad):
+    return torch.ops.mhc.fused_post_res_mix_backward(*ctx.saved_tensors, grad)
+
+
+fused_post_res_mix.register_autograd(_post_backward, setup_context=_post_setup)
