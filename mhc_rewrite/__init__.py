@@ -6,6 +6,7 @@ Importing the package registers the ``torch.ops.mhc`` ops.
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.mhc.*)
+from .backend import compile
 from .config import MHCConfig
 from .convert import convert, find_residuals
 from .errors import MHCRewriteError, TraceError
@@ -13,6 +14,6 @@ from .inspect import explain, stream_diagnostics
 from .passes.sites import SiteInfo
 from .site_params import MHCSiteParams
 
-__all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "convert", "explain",
+__all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "compile", "convert", "explain",
            "find_residuals", "stream_diagnostics"]
 __version__ = "0.1.0"

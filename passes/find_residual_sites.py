@@ -63,8 +63,8 @@ def _has_params(body: list[fx.Node], gm: fx.GraphModule) -> bool:
     for node in body:
         if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
             return True
-        if any(src.op == "get_attr" and isinstance(_get_attr(gm, src.target), nn.Parameter)
-               for src in node.all_input_nodes):
+        if any((src.op == "get_attr" and isinstance(_get_attr(gm, src.target), nn.Parameter))
+               or src.meta.get("mhc_parameter") for src in node.all_input_nodes):  # Dynamo: parameters as inputs
             return True
     return False
 

@@ -173,8 +173,9 @@ def _fused_pre_mix_bwd(
             group_sum = odd * tl.dot(big, same_row, input_precision="ieee") + (1.0 - odd) * tl.dot(
                 big, same_col, input_precision="ieee")
             big = big - y * group_sum
-        g_logits = tl.where(is_pre[None, :], g * sig * (1.0 - sig),
-                            tl.where(is_post[None, :], 2.0 * g * sig * (1.0 - sig), tl.where(is_res[None, :], big, 0.0)))
+        d_sig = g * sig * (1.0 - sig)
+        g_logits = tl.where(is_pre[None, :], d_sig,
+                            tl.where(is_post[None, :], 2.0 * d_sig, tl.where(is_res[None, :], big, 0.0)))
         dz = g_logits * gain[None, :]
         d_gain = g_logits * z
     else:
@@ -233,9 +234,9 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
         h_post = h_res = h_pre  # unused by the kernel in static mode
         args = (h_pre, h_pre, h_pre)
     grid = (triton.cdiv(T, block_t),)
-    wrap_triton(_fused_pre_mix_fwd)[grid](x, *args, y, h_pre, h_post, h_res, T, C, RMS_EPS, N=n,
-                             NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1,
-                             DYNAMIC=dynamic, BLOCK_T=block_t, BLOCK_C=block_c)
+    wrap_triton(_fused_pre_mix_fwd)[grid](
+        x, *args, y, h_pre, h_post, h_res, T, C, RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters,
+        MODE=0 if mode == "mhc" else 1, DYNAMIC=dynamic, BLOCK_T=block_t, BLOCK_C=block_c)
     y = y.reshape(*lead, C)
     if not dynamic:
         return y, h_pre_static, None, None
@@ -258,11 +259,11 @@ def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
     du, d_logits, d_gain = (torch.empty((T, M), **f32) for _ in range(3))
     scratch = torch.empty((T, 2 * iters, _mp(n)), **f32) if mode == "mhc" else du
     grid = (triton.cdiv(T, block_t),)
-    wrap_triton(_fused_pre_mix_bwd)[grid](x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n),
-                             d_y.reshape(T, C).contiguous(), rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n),
-                             d_x, du, d_logits, d_gain, scratch, T, C, RMS_EPS, N=n, NP=triton.next_power_of_2(n),
-                             MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1, BLOCK_T=block_t,
-                             BLOCK_C=block_c)
+    wrap_triton(_fused_pre_mix_bwd)[grid](
+        x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n), d_y.reshape(T, C).contiguous(),
+        rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n), d_x, du, d_logits, d_gain, scratch, T, C, RMS_EPS,
+        N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1, BLOCK_T=block_t,
+        BLOCK_C=block_c)
     d_phi = x.reshape(T, n * C).float().T @ du
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=1)])
     d_bias = d_logits.sum(0)

@@ -86,15 +86,16 @@ def _shapes(streams, h_post):
 
 
 def post_res_mix_fwd(streams, branch, h_post, h_res, block_t=16, block_c=64):
-    """``streams [..., n, C]``, ``branch [..., C]``, ``h_post [..., n]`` or ``[n]``, ``h_res [..., n, n]`` or ``[n, n]``."""
+    """Launch the forward: ``streams [..., n, C]``, ``branch [..., C]``, ``h_post [..., n]``, ``h_res [..., n, n]``
+    (static coefficients: ``[n]``, ``[n, n]``). Returns the new streams, like ``streams``."""
     x, T, n, C, static = _shapes(streams, h_post)
     assert branch.shape[-1] == C and branch.numel() == T * C, "branch must be [..., C] like one stream"
     out = torch.empty_like(x)
     block_c = min(block_c, triton.next_power_of_2(C))
     grid = (triton.cdiv(T, block_t), triton.cdiv(C, block_c))
-    wrap_triton(_post_res_mix_fwd)[grid](x, branch.reshape(T, C).contiguous(), h_post.float().contiguous(),
-                            h_res.float().contiguous(), out, T, C, 0 if static else n, N=n,
-                            NP=triton.next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c)
+    wrap_triton(_post_res_mix_fwd)[grid](
+        x, branch.reshape(T, C).contiguous(), h_post.float().contiguous(), h_res.float().contiguous(), out, T, C,
+        0 if static else n, N=n, NP=triton.next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c)
     return out.reshape(streams.shape)
 
 
@@ -106,10 +107,9 @@ def post_res_mix_bwd(streams, branch, h_post, h_res, grad, block_t=16, block_c=6
     d_p = torch.empty((T, n), device=x.device, dtype=torch.float32)
     d_r = torch.empty((T, n, n), device=x.device, dtype=torch.float32)
     block_c = min(block_c, triton.next_power_of_2(C))
-    wrap_triton(_post_res_mix_bwd)[(triton.cdiv(T, block_t),)](x, f, h_post.float().contiguous(), h_res.float().contiguous(),
-                                                  grad.reshape(T, n, C).contiguous(), d_x, d_f, d_p, d_r, T, C,
-                                                  0 if static else n, N=n, NP=triton.next_power_of_2(n),
-                                                  BLOCK_T=block_t, BLOCK_C=block_c)
+    wrap_triton(_post_res_mix_bwd)[(triton.cdiv(T, block_t),)](
+        x, f, h_post.float().contiguous(), h_res.float().contiguous(), grad.reshape(T, n, C).contiguous(), d_x, d_f,
+        d_p, d_r, T, C, 0 if static else n, N=n, NP=triton.next_power_of_2(n), BLOCK_T=block_t, BLOCK_C=block_c)
     if static:
         d_p, d_r = d_p.sum(0), d_r.sum(0)
     return (d_x.reshape(streams.shape), d_f.reshape(branch.shape), d_p.reshape(h_post.shape).to(h_post.dtype),

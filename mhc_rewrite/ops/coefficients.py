@@ -27,6 +27,11 @@ MODES = ("mhc", "hc")
 RMS_EPS = 1e-6
 
 
+def _gain(alpha: torch.Tensor, n: int) -> torch.Tensor:
+    """``[a_pre]*n + [a_post]*n + [a_res]*n²``, built with static sizes (tracing-friendly)."""
+    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+
+
 def num_logits(n: int) -> int:
     """Width of the fused projection: n (pre) + n (post) + n² (res)."""
     return n * n + 2 * n
@@ -58,7 +63,7 @@ def coefficients_ref(
         v = streams.reshape(*streams.shape[:-2], -1).to(acc)  # [..., n·C]
         rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
         z = (v @ phi.to(acc)) / rms  # [..., m]
-        gain = alpha.to(acc).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+        gain = _gain(alpha.to(acc), n)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         h_pre = torch.sigmoid(logits[..., :n])
@@ -132,7 +137,7 @@ def coefficients_backward_ref(
         rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
         u = v @ phi.to(acc)
         z = u / rms
-        gain = alpha.to(acc).repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+        gain = _gain(alpha.to(acc), n)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         sig = torch.sigmoid(logits[..., : 2 * n])
