@@ -3,7 +3,7 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on the CPU interpreter (set before import)
 
-import torch  # noqa: E402
+import torch._functorch.config  # noqa: E402
 
 # Inductor must call the triton_ops as ops under the interpreter, not compile their kernels for the CPU (SPEC §3)
 torch._functorch.config.decompose_custom_triton_ops = False

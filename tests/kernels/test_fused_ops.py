@@ -1,0 +1,85 @@
+"""The fused triton_ops: registration, autograd against the reference ops, and the lowering pass."""
+
+import copy
+
+import pytest
+import torch
+
+import mhc_rewrite
+from mhc_rewrite.passes import lower_fused
+
+from models import GPT, GPTConfig
+
+mhc = torch.ops.mhc
+
+
+def _inputs(n=4, C=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 5, n, C, generator=g), torch.randn(n * C, n * n + 2 * n, generator=g) / 10,
+            0.5 * torch.randn(3, generator=g), torch.randn(n * n + 2 * n, generator=g))
+
+
+def test_opcheck():
+    streams, phi, alpha, bias = (t.requires_grad_() for t in _inputs())
+    torch.library.opcheck(mhc.fused_pre_mix.default, (streams, phi, alpha, bias, 4, 20, "mhc"))
+    h_post, h_res = torch.rand(2, 5, 4, requires_grad=True), torch.rand(2, 5, 4, 4, requires_grad=True)
+    torch.library.opcheck(mhc.fused_post_res_mix.default, (streams, torch.randn(2, 5, 24), h_post, h_res))
+
+
+def test_gradcheck_of_the_reference_path_float64():
+    streams, phi, alpha, bias = (t.double()[:1, :2].requires_grad_() if t.dim() == 4 else t.double().requires_grad_()
+                                 for t in _inputs(C=3))
+    assert torch.autograd.gradcheck(lambda *a: mhc.fused_pre_mix(*a, 4, 10, "mhc"), (streams, phi, alpha, bias))
+    branch = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    h_post = torch.rand(1, 2, 4, dtype=torch.float64, requires_grad=True)
+    h_res = torch.rand(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mhc.fused_post_res_mix, (streams, branch, h_post, h_res))
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_fused_pre_mix_equals_coefficients_then_pre_mix(mode):
+    inputs = _inputs()
+    a = [t.clone().requires_grad_() for t in inputs]
+    b = [t.clone().requires_grad_() for t in inputs]
+    y, h_pre, h_post, h_res = mhc.fused_pre_mix(*a, 4, 20, mode)
+    r_pre, r_post, r_res = mhc.coefficients(*b, 4, 20, mode)
+    r_y = mhc.pre_mix(b[0], r_pre)
+    for got, want in ((y, r_y), (h_pre, r_pre), (h_post, r_post), (h_res, r_res)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    weights = [torch.randn_like(t) for t in (y, h_post, h_res)]
+    loss_a = sum((w * t).sum() for w, t in zip(weights, (y, h_post, h_res)))
+    loss_b = sum((w * t).sum() for w, t in zip(weights, (r_y, r_post, r_res)))
+    for got, want in zip(torch.autograd.grad(loss_a, a), torch.autograd.grad(loss_b, b)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_lowered_model_matches_the_reference_graph():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, block_size=16))
+    idx = torch.randint(0, 64, (2, 16))
+    gm = mhc_rewrite.convert(gpt, example_inputs=(idx,))
+    with torch.no_grad():
+        for p in gm.mhc.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    lowered = copy.deepcopy(gm)
+    assert lower_fused(lowered).modified
+    targets = {node.target for node in lowered.graph.nodes if node.op == "call_function"}
+    assert mhc.fused_pre_mix.default in targets and mhc.fused_post_res_mix.default in targets
+    assert mhc.coefficients.default not in targets and mhc.pre_mix.default not in targets
+    want, got = gm(idx), lowered(idx)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_want = torch.autograd.grad(want.pow(2).mean(), list(gm.mhc.parameters()))
+    g_got = torch.autograd.grad(got.pow(2).mean(), list(lowered.mhc.parameters()))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_static_sites_keep_reference_coefficients():
+    gpt = GPT(GPTConfig(n_layer=1, block_size=16))
+    idx = torch.randint(0, 64, (2, 16))
+    gm = mhc_rewrite.convert(gpt, example_inputs=(idx,), dynamic=False)
+    want = gm(idx)
+    lower_fused(gm)
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert mhc.coefficients.default in targets and mhc.fused_post_res_mix.default in targets
+    torch.testing.assert_close(gm(idx), want, atol=1e-6, rtol=1e-5)
