@@ -1,0 +1,223 @@
+"""One script for everything the GPU machine should measure (and, on tiny shapes, what CPU can check).
+
+    python benchmarks/mhc_bench.py --out bench.json                       # GPU: full shapes (16384 tokens, n=4, C=4096)
+    TRITON_INTERPRET=1 python benchmarks/mhc_bench.py --tiny --skip-e2e   # CPU: the kernel sections, tiny shapes
+    python benchmarks/mhc_bench.py --skip-kernels --device cpu            # CPU: the end-to-end ratio (Inductor C++)
+
+Sections:
+1. kernels (CUDA, or the interpreter): correctness of the Triton kernels against the PyTorch reference (float64 for
+   the error), eager and inside Inductor (``torch.compile`` of the triton_ops); time and achieved GB/s of each
+   kernel, forward and backward, against a measured device-to-device copy; the same ops as the eager reference,
+   as ``torch.compile`` of the reference, and as Liger-Kernel's mHC kernels when ``liger_kernel`` imports.
+2. end to end: a training step (forward, backward, AdamW) of a GPT with mHC (n=4) against the plain GPT, both
+   under ``torch.compile`` (``backend="mhc"`` / Inductor), bf16 autocast on CUDA, float32 on CPU.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from nanogpt import GPT, GPTConfig  # noqa: E402
+
+import mhc_rewrite  # noqa: E402
+from mhc_rewrite.ops import coefficients_ref, post_res_mix_ref, pre_mix_ref, use_triton  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def timed(fn, device, repeats=20):
+    """Median seconds of ``fn()``: CUDA events through triton's do_bench on GPU, wall clock elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=max(repeats, 25), return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(max(3, repeats // 5)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def copy_bandwidth(device, nbytes):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device)
+
+
+def liger_ops():
+    try:
+        from liger_kernel.ops.mhc import liger_mhc_coeffs, liger_mhc_post_res, liger_mhc_pre
+    except Exception as exc:  # not installed, or no GPU
+        return None, f"{type(exc).__name__}: {exc}"
+    return (liger_mhc_coeffs, liger_mhc_pre, liger_mhc_post_res), None
+
+
+def kernel_section(args, device, dtype):
+    T, n, C, iters = args.tokens, args.n, args.channels, 20
+    m = n * n + 2 * n
+    g = torch.Generator(device="cpu").manual_seed(0)
+    X = torch.randn(T, n, C, generator=g).to(device=device, dtype=dtype)
+    f = torch.randn(T, C, generator=g).to(device=device, dtype=dtype)
+    phi = (torch.randn(n * C, m, generator=g) / (n * C) ** 0.5).to(device)
+    alpha = (0.3 * torch.randn(3, generator=g)).to(device)
+    bias = torch.randn(m, generator=g).to(device)
+    es = X.element_size()
+    out = {"shape": {"tokens": T, "n": n, "C": C, "dtype": str(dtype)}}
+
+    # correctness against float64, eager and inside Inductor
+    fused_pre = torch.ops.mhc.fused_pre_mix
+    fused_post = torch.ops.mhc.fused_post_res_mix
+    y, h_pre, h_post, h_res = fused_pre(X, phi, alpha, bias, n, iters, "mhc")
+    r = coefficients_ref(X.double(), phi.double(), alpha.double(), bias.double(), n, iters, "mhc")
+    r_y = pre_mix_ref(X.double(), r[0])
+    post = fused_post(X, f, h_post, h_res)
+    r_post = post_res_mix_ref(X.double(), f.double(), h_post.double(), h_res.double())
+    compiled_pre = torch.compile(lambda *a: fused_pre(*a, n, iters, "mhc"), fullgraph=True)
+    compiled_post = torch.compile(fused_post, fullgraph=True)
+    out["correctness"] = {
+        "pre_mix_y": rel_err(y, r_y), "h_pre": rel_err(h_pre, r[0]), "h_post": rel_err(h_post, r[1]),
+        "h_res": rel_err(h_res, r[2]), "post_res": rel_err(post, r_post),
+        "inductor_pre_mix_y": rel_err(compiled_pre(X, phi, alpha, bias)[0], r_y),
+        "inductor_post_res": rel_err(compiled_post(X, f, h_post, h_res), r_post),
+    }
+
+    # timings: forward, and forward + backward
+    def pre_fwd_bwd(fn):
+        Xg, phig, ag, bg = (t.detach().requires_grad_() for t in (X, phi, alpha, bias))
+
+        def run():
+            yy, _, hp, hr = fn(Xg, phig, ag, bg)
+            torch.autograd.backward((yy, hp, hr), (torch.ones_like(yy), torch.ones_like(hp), torch.ones_like(hr)))
+        return run
+
+    def post_fwd_bwd(fn):
+        Xg, fg, pg, rg = (t.detach().requires_grad_() for t in (X, f, h_post, h_res))
+        return lambda: fn(Xg, fg, pg, rg).backward(torch.ones_like(X))
+
+    def ref_pre(x, p, a, b):
+        hp, hpo, hr = coefficients_ref(x, p, a, b, n, iters, "mhc")
+        return pre_mix_ref(x, hp), hp, hpo, hr
+
+    candidates = {
+        "mhc_rewrite (triton)": (lambda *a: fused_pre(*a, n, iters, "mhc"), fused_post),
+        "eager reference": (ref_pre, post_res_mix_ref),
+    }
+    if not args.tiny:
+        candidates["torch.compile(reference)"] = (torch.compile(ref_pre), torch.compile(post_res_mix_ref))
+    liger, why_not = liger_ops()
+    if liger is not None and device.type == "cuda":
+        l_coeffs, l_pre, l_post = liger
+
+        def liger_pre(x, p, a, b):
+            hp, hpo, hr = l_coeffs(x, p, b, a[0], a[1], a[2], allow_fp32=True, tmax=iters)
+            return l_pre(x, hp), hp, hpo, hr
+        candidates["liger-kernel"] = (liger_pre, l_post)
+    else:
+        out["liger_kernel"] = why_not or "needs CUDA"
+    copy = copy_bandwidth(device, T * n * C * es)
+    out["copy_GBps"] = copy / 1e9
+    bytes_moved = {"pre fwd": (n + 1) * T * C * es, "post fwd": (2 * n + 1) * T * C * es,
+                   "pre fwd+bwd": (n + 1 + 2 * n + 1) * T * C * es, "post fwd+bwd": (2 * n + 1 + 3 * n + 2) * T * C * es}
+    rows = {}
+    for name, (pre, post_fn) in candidates.items():
+        row = {
+            "pre fwd": timed(lambda: pre(X, phi, alpha, bias), device),
+            "post fwd": timed(lambda: post_fn(X, f, h_post, h_res), device),
+            "pre fwd+bwd": timed(pre_fwd_bwd(pre), device),
+            "post fwd+bwd": timed(post_fwd_bwd(post_fn), device),
+        }
+        rows[name] = {k: {"ms": 1e3 * v, "GBps": bytes_moved[k] / v / 1e9, "pct_copy": 100 * bytes_moved[k] / v / copy}
+                      for k, v in row.items()}
+    out["timings"] = rows
+    return out
+
+
+def e2e_section(args, device):
+    if device.type == "cuda":
+        config = GPTConfig(block_size=args.seq, vocab_size=50304, n_layer=24, n_head=16, n_embd=1024)  # ~350M
+        batch, autocast = args.batch, torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        config = GPTConfig(block_size=128, vocab_size=256, n_layer=6, n_head=4, n_embd=128)
+        batch, autocast = 8, torch.autocast("cpu", enabled=False)
+    results = {"config": vars(config), "batch": batch}
+    for variant in ("baseline", "mhc"):
+        torch.manual_seed(0)
+        model = GPT(config).to(device)
+        if variant == "mhc":
+            model = mhc_rewrite.compile(model, n=4)
+        else:
+            model = torch.compile(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        idx = torch.randint(0, config.vocab_size, (batch, config.block_size + 1), device=device)
+
+        def step():
+            with autocast:
+                loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1).float(), idx[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        start = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - start
+        results[variant] = {"step_ms": 1e3 * timed(step, device, repeats=10), "first_step_s": compile_s,
+                            "parameters": sum(p.numel() for p in model.parameters())}
+    results["overhead_pct"] = 100 * (results["mhc"]["step_ms"] / results["baseline"]["step_ms"] - 1)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (for the CPU interpreter)")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=4096)
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--seq", type=int, default=2048, help="end to end: sequence length (GPU)")
+    parser.add_argument("--batch", type=int, default=4, help="end to end: batch (GPU)")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.tiny:
+        args.tokens, args.channels = 32, 64
+    device = torch.device(args.device)
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_kernels:
+        if not use_triton(torch.empty(1, device=device)):
+            sys.exit("the kernel section needs CUDA or TRITON_INTERPRET=1")
+        report["kernels"] = kernel_section(args, device, DTYPES[args.dtype])
+        k = report["kernels"]
+        print(f"kernels on {report['device']}: {k['shape']}; device copy {k['copy_GBps']:.1f} GB/s")
+        print("max relative error vs float64:", {name: f"{v:.2e}" for name, v in k["correctness"].items()})
+        print(f"{'implementation':<26}" + "".join(f"{c:>24}" for c in ("pre fwd", "post fwd", "pre fwd+bwd",
+                                                                      "post fwd+bwd")))
+        for name, row in k["timings"].items():
+            print(f"{name:<26}" + "".join(f"{v['ms']:>9.3f} ms {v['pct_copy']:>6.1f}% cp" for v in row.values()))
+    if not args.skip_e2e:
+        report["e2e"] = e2e_section(args, device)
+        e = report["e2e"]
+        print(f"training step: baseline {e['baseline']['step_ms']:.1f} ms, mHC n=4 {e['mhc']['step_ms']:.1f} ms "
+              f"({e['overhead_pct']:+.1f}%); first steps (compile) {e['baseline']['first_step_s']:.0f} s / "
+              f"{e['mhc']['first_step_s']:.0f} s")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
