@@ -129,8 +129,12 @@ def kernel_section(args, device, dtype):
         out["liger_kernel"] = why_not or "needs CUDA"
     copy = copy_bandwidth(device, T * n * C * es)
     out["copy_GBps"] = copy / 1e9
-    bytes_moved = {"pre fwd": (n + 1) * T * C * es, "post fwd": (2 * n + 1) * T * C * es,
-                   "pre fwd+bwd": (n + 1 + 2 * n + 1) * T * C * es, "post fwd+bwd": (2 * n + 1 + 3 * n + 2) * T * C * es}
+    # the unavoidable traffic, in stream rows of C elements per token: pre reads X (n) and writes y (1); its backward
+    # reads X and dy and writes dX (2n + 1); post reads X and f, writes X' (2n + 1); its backward reads X, dX', f and
+    # writes dX, df (3n + 2)
+    row_bytes = T * C * es
+    bytes_moved = {"pre fwd": (n + 1) * row_bytes, "post fwd": (2 * n + 1) * row_bytes,
+                   "pre fwd+bwd": (3 * n + 2) * row_bytes, "post fwd+bwd": (5 * n + 3) * row_bytes}
     rows = {}
     for name, (pre, post_fn) in candidates.items():
         row = {
