@@ -1,0 +1,38 @@
+"""Checks only a GPU can make: Inductor schedules the Triton kernels themselves, at realistic shapes.
+
+Skipped on CPU (the CI machine has no GPU); run on the GPU machine with `python -m pytest tests/kernels/test_gpu.py`.
+"""
+
+import pytest
+import torch
+
+import mhc_rewrite  # noqa: F401
+from mhc_rewrite.ops import coefficients_ref, post_res_mix_ref, pre_mix_ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: Inductor compiles user Triton kernels only for CUDA")
+
+
+def _inputs(T=4096, n=4, C=1024, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(T, n, C, generator=g).to("cuda", dtype), torch.randn(T, C, generator=g).to("cuda", dtype),
+            (torch.randn(n * C, n * n + 2 * n, generator=g) / (n * C) ** 0.5).cuda(),
+            (0.3 * torch.randn(3, generator=g)).cuda(), torch.randn(n * n + 2 * n, generator=g).cuda())
+
+
+def test_inductor_compiles_the_fused_kernels_into_its_code():
+    from torch._inductor.utils import run_and_get_code
+
+    X, f, phi, alpha, bias = _inputs()
+
+    def block(X, f, phi, alpha, bias):
+        y, _, h_post, h_res = torch.ops.mhc.fused_pre_mix(X, phi, alpha, bias, 4, 20, "mhc")
+        return y, torch.ops.mhc.fused_post_res_mix(X, f, h_post, h_res)
+
+    (y, out), code = run_and_get_code(torch.compile(block, fullgraph=True), X, f, phi, alpha, bias)
+    source = "\n".join(code)
+    assert "_fused_pre_mix_fwd" in source and "_post_res_mix_fwd" in source
+    h = coefficients_ref(X.double(), phi.double(), alpha.double(), bias.double(), 4, 20, "mhc")
+    torch.testing.assert_close(y.double(), pre_mix_ref(X.double(), h[0]), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), post_res_mix_ref(X.double(), f.double(), h[1], h[2]),
+                               atol=6e-2, rtol=2e-2)
