@@ -12,8 +12,9 @@ from .convert import convert, find_residuals
 from .errors import MHCRewriteError, TraceError
 from .inspect import explain, stream_diagnostics
 from .passes.sites import SiteInfo
+from .recompute import recompute_streams
 from .site_params import MHCSiteParams
 
 __all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "compile", "convert", "explain",
-           "find_residuals", "stream_diagnostics"]
+           "find_residuals", "recompute_streams", "stream_diagnostics"]
 __version__ = "0.1.0"
