@@ -103,3 +103,34 @@ def test_unknown_stream_width_asks_for_example_inputs():
         warnings.simplefilter("error")
         gm = mhc_rewrite.convert(Functional(), example_inputs=(torch.randn(3, 4),))
     assert gm.mhc_sites[0].channels == 4
+
+
+def test_a_failing_pass_is_named():
+    def broken_filter(site):
+        raise ValueError("no opinion")
+
+    with pytest.raises(MHCRewriteError, match="the find_residual_sites pass failed: ValueError: no opinion"):
+        mhc_rewrite.convert(ResidualMLP(), filter_fn=broken_filter)
+
+
+@torch.fx.wrap
+def _host_round_trip(x):
+    return torch.from_numpy(x.detach().numpy().copy())  # fake tensors have no data: shape propagation fails here
+
+
+def test_shape_propagation_failure_warns_and_conversion_goes_on(caplog):
+    class HostOp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return x + self.fc(_host_round_trip(x))
+
+    model = HostOp()
+    x = torch.randn(3, 4)
+    with caplog.at_level("WARNING", logger="mhc_rewrite.trace"):
+        gm = mhc_rewrite.convert(model, example_inputs=(x,))
+    assert "could not propagate shapes through the traced graph" in caplog.text
+    assert gm.mhc_sites[0].channels == 4  # read off the Linear instead
+    torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)
