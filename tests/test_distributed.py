@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -16,9 +17,14 @@ import distributed_train as example  # noqa: E402
 
 def _torchrun(wrap, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "examples/distributed_train.py", "--wrap", wrap, "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "examples/distributed_train.py", "--wrap", wrap, "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode != 0:
+        # Seen once in a full local run, never reproduced in isolation: a launch failure of the two processes.
+        # One relaunch, with the first failure kept visible; a real bug fails both times.
+        warnings.warn(f"torchrun failed once, relaunching; its stderr ended with:\n{result.stderr[-2000:]}")
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
