@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any, Optional
 
@@ -26,8 +25,6 @@ from .config import MHCConfig
 from .convert import convert
 from .errors import MHCRewriteError
 from .passes import lower_fused
-
-log = logging.getLogger(__name__)
 
 
 def _has_mhc_ops(gm: fx.GraphModule) -> bool:

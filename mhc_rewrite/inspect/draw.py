@@ -106,8 +106,10 @@ def plot_h_res(diagnostics: StreamDiagnostics, path: str | Path, dpi: int = 100,
         h = site.h_res.numpy()
         ax.imshow(h, cmap="viridis", vmin=0.0, vmax=max(1.0, float(h.max())))
         ax.set_title(f"{site.index}: {site.module_path}"[-28:], fontsize=6)
-        for (i, j), v in ((ij, h[ij]) for ij in ((i, j) for i in range(h.shape[0]) for j in range(h.shape[1]))):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="white" if v < 0.5 else "black")
+        for i in range(h.shape[0]):
+            for j in range(h.shape[1]):
+                ax.text(j, i, f"{h[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                        color="white" if h[i, j] < 0.5 else "black")
     fig.suptitle("H_res per site (token mean)", fontsize=9)
     return _save(fig, path, dpi)
 
