@@ -1,7 +1,8 @@
 """Triton kernels: the post + residual mix ``X' = H_res · X + H_post^T · f`` (forward and backward).
 
 Forward: one program per (``BLOCK_T`` tokens, ``BLOCK_C`` channels): reads the n streams and ``f`` once, writes the
-n new streams once, i.e. (n+1)·C in and n·C out per token (the paper's fused figure).
+n new streams once, i.e. (n+1)·C in and n·C out per token (the paper's fused figure). The mix walks the source
+streams one at a time (``static_range``), so the registers hold ``[BLOCK_T, n, BLOCK_C]``, never an n x n x C tile.
 Static coefficients (``[n]``, ``[n, n]``) are read with a token stride of 0.
 """
 
@@ -26,17 +27,18 @@ def _post_res_mix_fwd(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     i = tl.arange(0, NP)
     tmask, cmask, imask = t < T, c < C, i < N
-    xmask = tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :]
-    offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
-    x = tl.load(X + offs, mask=xmask, other=0.0).to(tl.float32)
+    pmask = tmask[:, None] & imask[None, :]
     f = tl.load(F + t[:, None] * C + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    p = tl.load(HPOST + t[:, None] * H_STRIDE + i[None, :], mask=tmask[:, None] & imask[None, :], other=0.0)
-    r = tl.load(HRES + t[:, None, None] * (H_STRIDE * N) + i[None, :, None] * N + i[None, None, :],
-                mask=tmask[:, None, None] & imask[None, :, None] & imask[None, None, :], other=0.0)
-    mixed = tl.sum(r[:, :, :, None] * x[:, None, :, :], axis=2)  # [BLOCK_T, NP (i), BLOCK_C]
-    out = mixed + p[:, :, None] * f[:, None, :]
+    p = tl.load(HPOST + t[:, None] * H_STRIDE + i[None, :], mask=pmask, other=0.0)
+    out = p[:, :, None] * f[:, None, :]  # [BLOCK_T, NP (i), BLOCK_C]
+    for j in tl.static_range(N):  # one source stream at a time: registers stay [BLOCK_T, NP, BLOCK_C]
+        x_j = tl.load(X + t[:, None] * (N * C) + j * C + c[None, :], mask=tmask[:, None] & cmask[None, :],
+                      other=0.0).to(tl.float32)
+        r_j = tl.load(HRES + t[:, None] * (H_STRIDE * N) + i[None, :] * N + j, mask=pmask, other=0.0)  # h_res[:, j]
+        out += r_j[:, :, None] * x_j[:, None, :]
+    offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+    xmask = tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :]
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=xmask)
-
 
 # Backward, one program per BLOCK_T tokens looping over C (the coefficient gradients sum over channels):
 #   dX[j, c] = sum_i h_res[i, j] dY[i, c]      df[c] = sum_i h_post[i] dY[i, c]
@@ -54,29 +56,29 @@ def _post_res_mix_bwd(
     i = tl.arange(0, NP)
     tmask, imask = t < T, i < N
     pmask = tmask[:, None] & imask[None, :]
-    rmask = tmask[:, None, None] & imask[None, :, None] & imask[None, None, :]
     p = tl.load(HPOST + t[:, None] * H_STRIDE + i[None, :], mask=pmask, other=0.0)
-    r = tl.load(HRES + t[:, None, None] * (H_STRIDE * N) + i[None, :, None] * N + i[None, None, :], mask=rmask,
-                other=0.0)
     d_p = tl.zeros([BLOCK_T, NP], dtype=tl.float32)
     d_r = tl.zeros([BLOCK_T, NP, NP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C
+        tc = tmask[:, None] & cmask[None, :]
         xmask = tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :]
-        offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
-        x = tl.load(X + offs, mask=xmask, other=0.0).to(tl.float32)
-        g = tl.load(DOUT + offs, mask=xmask, other=0.0).to(tl.float32)
-        f = tl.load(F + t[:, None] * C + c[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        dx = tl.sum(r[:, :, :, None] * g[:, :, None, :], axis=1)  # [BLOCK_T, NP (j), BLOCK_C]
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=xmask)
-        df = tl.sum(p[:, :, None] * g, axis=1)
-        tl.store(DF + t[:, None] * C + c[None, :], df.to(DF.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
-        d_r += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=3)
+        g = tl.load(DOUT + t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :], mask=xmask,
+                    other=0.0).to(tl.float32)  # [BLOCK_T, NP (i), BLOCK_C]
+        f = tl.load(F + t[:, None] * C + c[None, :], mask=tc, other=0.0).to(tl.float32)
+        tl.store(DF + t[:, None] * C + c[None, :], tl.sum(p[:, :, None] * g, axis=1).to(DF.dtype.element_ty), mask=tc)
         d_p += tl.sum(g * f[:, None, :], axis=2)
+        for j in tl.static_range(N):
+            x_j = tl.load(X + t[:, None] * (N * C) + j * C + c[None, :], mask=tc, other=0.0).to(tl.float32)
+            r_j = tl.load(HRES + t[:, None] * (H_STRIDE * N) + i[None, :] * N + j, mask=pmask, other=0.0)
+            d_x_j = tl.sum(r_j[:, :, None] * g, axis=1)
+            tl.store(DX + t[:, None] * (N * C) + j * C + c[None, :], d_x_j.to(DX.dtype.element_ty), mask=tc)
+            d_r_j = tl.sum(g * x_j[:, None, :], axis=2)  # [BLOCK_T, NP (i)]: column j of dh_res
+            d_r += d_r_j[:, :, None] * (i[None, None, :] == j).to(tl.float32)
     tl.store(DHPOST + t[:, None] * N + i[None, :], d_p, mask=pmask)
-    tl.store(DHRES + t[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :], d_r, mask=rmask)
-
+    tl.store(DHRES + t[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :], d_r,
+             mask=tmask[:, None, None] & imask[None, :, None] & imask[None, None, :])
 
 def _shapes(streams, h_post):
     n, C = streams.shape[-2], streams.shape[-1]
