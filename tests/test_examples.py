@@ -54,3 +54,12 @@ def test_stability_quick_run(tmp_path):
     # a product of non-negative row-stochastic maps has every row sum exactly 1
     assert results["mhc"]["max_amax_forward"] == pytest.approx(1.0, abs=1e-4)
     assert mpimg.imread(tmp_path / "stability.png").shape[:2] == (700, 1100)
+
+
+def test_api_tour_runs():
+    result = subprocess.run([sys.executable, "examples/api_tour.py", "--compile"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", result.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "forward 1.0000" in result.stdout and "compiled output matches: True" in result.stdout
