@@ -22,25 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nanogpt import GPT, GPTConfig  # noqa: E402
 
 import mhc_rewrite  # noqa: E402
-
-
-class KeptBytes:
-    def __enter__(self):
-        self.kept = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.hooks.__exit__(*exc)
-
-    def _pack(self, t):
-        self.kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def kept_bytes(self):
-        return sum(self.kept.values())
+from mhc_rewrite.recompute import count_saved_bytes  # noqa: E402
 
 
 def run(args, variant):
@@ -49,7 +31,7 @@ def run(args, variant):
     idx = torch.randint(0, 256, (args.batch, args.seq + 1))
 
     def context():
-        return mhc_rewrite.recompute_streams(model) if variant == "recompute" else KeptBytes()
+        return mhc_rewrite.recompute_streams(model) if variant == "recompute" else count_saved_bytes()
 
     def step():
         ctx = context()

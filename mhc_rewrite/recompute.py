@@ -47,6 +47,45 @@ class _Stream:
         return self.cache
 
 
+class _StorageTally:
+    """The bytes of the unique storages of the tensors it is shown."""
+
+    def __init__(self):
+        self._storages: dict[int, int] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        self._storages[key] = tensor.untyped_storage().nbytes()
+
+    @property
+    def total(self) -> int:
+        return sum(self._storages.values())
+
+
+class count_saved_bytes:
+    """Context manager: what a forward inside it saves for backward (``kept_bytes``), stored as usual.
+
+    The baseline to compare :class:`recompute_streams` with; both count unique storages the same way.
+    """
+
+    def __enter__(self):
+        self._tally = _StorageTally()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor):
+        self._tally.add(tensor)
+        return tensor
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._tally.total
+
+
 def default_segment(model: nn.Module) -> int:
     """The paper's segment length sqrt(n·L/(n+2)) for the longest chain of a converted model."""
     sites = getattr(model, "mhc_sites", None)
@@ -73,12 +112,12 @@ class recompute_streams(TorchFunctionMode):
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
         self._streams: dict[int, tuple[weakref.ref, _Stream]] = {}
-        self._kept: dict[int, int] = {}
+        self._kept = _StorageTally()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @property
     def kept_bytes(self) -> int:
-        return sum(self._kept.values())
+        return self._kept.total
 
     def __enter__(self):
         self._hooks.__enter__()
@@ -114,8 +153,7 @@ class recompute_streams(TorchFunctionMode):
         stream = self._lookup(tensor)
         if stream is not None and stream.kept is None:
             return stream  # a recipe instead of n·C per token
-        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
-        self._kept[key] = tensor.untyped_storage().nbytes()
+        self._kept.add(tensor)
         return tensor
 
     @staticmethod

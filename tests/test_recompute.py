@@ -6,29 +6,9 @@ from torch.nn import functional as F
 
 import mhc_rewrite
 from mhc_rewrite.passes import lower_fused
+from mhc_rewrite.recompute import count_saved_bytes
 
 from models import GPT, GPTConfig
-
-
-class _Kept:
-    """Saved-tensor hooks that add up the storages kept for backward (the baseline's measure)."""
-
-    def __enter__(self):
-        self.kept = {}
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.hooks.__exit__(*exc)
-
-    def _pack(self, t):
-        self.kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def kept_bytes(self):
-        return sum(self.kept.values())
 
 
 def _model(layers=4):
@@ -52,7 +32,7 @@ def test_same_gradients_fewer_bytes(every, fused):
     gm, idx = _model()
     if fused:
         lower_fused(gm)
-    plain = _Kept()
+    plain = count_saved_bytes()
     loss, grads = _step(gm, idx, plain)
     recompute = mhc_rewrite.recompute_streams(gm, every=every)
     loss_r, grads_r = _step(gm, idx, recompute)
