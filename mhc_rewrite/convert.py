@@ -1,20 +1,31 @@
-"""The public entry points: ``convert`` (rewrite a model's residuals into mHC) and ``find_residuals``."""
+"""The public entry points: ``convert`` (rewrite a model's residuals into mHC) and ``find_residuals``.
+
+``convert(model)`` returns the user's model, converted: a shallow copy of the same class whose *region* (the
+smallest module holding every rewritten residual chain) runs a graph traced and rewritten per specialisation
+(``mhc_rewrite/region.py``). ``convert(graph_module)`` rewrites a traced graph directly and returns a
+``GraphModule`` (what the ``mhc`` torch.compile backend does with Dynamo's graphs).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import warnings
 from typing import Any, Optional
 
+import torch
 from torch import fx, nn
 
 from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
-from mhc_rewrite.passes.sites import SiteInfo
+from mhc_rewrite.passes.rewrite_mhc import param_keys
+from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
 
 from .config import MHCConfig
-from .errors import MHCRewriteError
-from .trace import trace
+from .errors import MHCRewriteError, TraceError
+from .region import RegionState, converted_class, find_region, original_module, shallow_clone
+from .site_params import MHCSiteParams
+from .trace import split_example_inputs, trace, trace_call
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +50,40 @@ def _run(name: str, fn, *args) -> None:
         raise MHCRewriteError(f"the {name} pass failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _without_cache(model: nn.Module, example_inputs: Any) -> Any:
+    """Example inputs for the analysis trace: ``use_cache=False`` where the forward takes it and it is not given
+    (a model as loaded returns a key-value cache, which torch.export cannot carry)."""
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        return example_inputs
+    args, kwargs = split_example_inputs(example_inputs)
+    if args or "use_cache" in kwargs:
+        names = list(inspect.signature(model.forward).parameters)
+        if "use_cache" in kwargs or names.index("use_cache") < len(args):
+            return example_inputs
+        kwargs = dict(zip(names, args))
+    return {**kwargs, "use_cache": False}
+
+
 def _analyse(model: nn.Module, example_inputs: Any, config: MHCConfig) -> fx.GraphModule:
+    if not isinstance(model, fx.GraphModule) and example_inputs is not None:
+        example_inputs = _without_cache(model, example_inputs)
     gm = trace(model, example_inputs)
     _run("find_residual_sites", find_residual_sites, gm, config.filter_fn)
     _run("group_chains", group_chains, gm)
     return gm
+
+
+def _check_runs(model: nn.Module, example_inputs: Any) -> None:
+    """Run the original model once on the example inputs (buffers copied, RNG restored, no grad): inputs it
+    cannot run are an error carrying the model's own message, before any tracing."""
+    args, kwargs = split_example_inputs(example_inputs)
+    buffers = {name: buf.clone() for name, buf in model.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.func.functional_call(model, buffers, args, kwargs, strict=False)
+    except Exception as exc:
+        raise MHCRewriteError(f"{type(model).__name__} cannot run the example inputs given to convert(): "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> list[SiteInfo]:
@@ -65,6 +105,89 @@ def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> l
     return [site.info() for site in gm.meta["mhc_sites"]]
 
 
+def _refuse_converted(model: nn.Module) -> None:
+    if (isinstance(model, fx.GraphModule) and hasattr(model, "mhc_sites")) or find_region(model) is not None:
+        raise MHCRewriteError("this model is already converted (it holds mHC sites); convert the original instead")
+
+
+def _scope(node: fx.Node) -> list[str]:
+    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+def _region_path(sites: list[ResidualSite]) -> str:
+    """The deepest module whose forward holds every node the rewrite touches: each chain's head stream, the
+    residual adds, and the nodes that read a chain's output outside the chain (where the streams are reduced)."""
+    outputs = {site.output for site in sites}
+    nodes = [node for site in sites for node in (site.stream, *site.add_nodes)]
+    nodes += [user for site in sites for user in site.output.users if user not in outputs]
+    common: Optional[list[str]] = None
+    for node in nodes:
+        scope = _scope(node) if node.op not in ("placeholder", "output") else []
+        if common is None:
+            common = scope
+        else:
+            i = 0
+            while i < min(len(common), len(scope)) and common[i] == scope[i]:
+                i += 1
+            common = common[:i]
+    return common[-1] if common else ""
+
+
+def _relative(path: str, region: str) -> str:
+    if not region:
+        return path
+    return "" if path == region else path[len(region) + 1:]
+
+
+def _graph_convert(model: nn.Module, example_inputs: Any, config: MHCConfig) -> nn.Module:
+    """The graph-level rewrite: a ``GraphModule`` with the mHC ops, sharing ``model``'s parameters."""
+    gm = _analyse(model, example_inputs, config)
+    sites = gm.meta["mhc_sites"]
+    if not any(site.rewrite for site in sites):
+        _warn_nothing(model, sites)
+        return model
+    _run("rewrite_mhc", rewrite_mhc, gm, config)
+    del gm.meta["mhc_sites"]  # graph-level records hold nodes; users get the plain SiteInfo records
+    gm.mhc_sites = [site.info() for site in sites if site.rewrite]
+    gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
+    gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
+    gm.mhc_model_name = type(model).__name__
+    return gm
+
+
+def _warn_nothing(model: nn.Module, sites: list[ResidualSite]) -> None:
+    reasons = "; ".join(sorted({f"{s.module_path or '<root>'}: {s.skip_reason}" for s in sites}))
+    warnings.warn(
+        f"{type(model).__name__} has no residual site to rewrite"
+        + (f" (found {len(sites)}, all skipped: {reasons})" if sites else "")
+        + "; returning the model unchanged",
+        stacklevel=3,
+    )
+
+
+def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Trace the region's original forward for this call and rewrite it with the region's mHC parameters."""
+    state: RegionState = region.__dict__["_mhc_state"]
+    with original_module(region):
+        gm = trace_call(region, args, kwargs)
+    gm.mhc = region.mhc  # reuse, never create: rewrite_mhc finds every site's parameters here
+    _run("find_residual_sites", find_residual_sites, gm, None)
+    sites = gm.meta["mhc_sites"]
+    for site, key in param_keys(sites).items():
+        site.rewrite = key in region.mhc
+        if not site.rewrite and site.has_params and not site.skip_reason:
+            raise MHCRewriteError(
+                f"this call of the converted {type(region).__name__} (train={region.training}) runs a residual at "
+                f"{site.module_path or 'its root'} that was not there when the model was converted; convert the "
+                "model in the mode and with the inputs it is trained with"
+            )
+        site.skip_reason = site.skip_reason or ("" if site.rewrite else "not rewritten at conversion")
+    _run("group_chains", group_chains, gm)
+    _run("rewrite_mhc", rewrite_mhc, gm, state.config)
+    del gm.meta["mhc_sites"]
+    return gm
+
+
 def convert(
     model: nn.Module,
     n: Optional[int] = None,
@@ -76,47 +199,84 @@ def convert(
     """Rewrite every residual ``x + f(x)`` of ``model`` into an identity-initialised n-stream mHC block.
 
     The model is traced (``torch.fx.symbolic_trace``, else ``torch.export`` with ``example_inputs``), its
-    residual sites are found and grouped into chains, and each chain is rewritten: the stream is expanded into
-    ``n`` copies at its head, each site mixes the streams with ``torch.ops.mhc`` ops, and the streams are
-    averaged back where the residual leaves the chain. With ``init="identity"`` (the default) the converted
-    model computes the same function as the original until it trains.
+    residual sites are found and grouped into chains, and the smallest module holding them (the *region*) is
+    replaced, in a shallow copy of the model, by a converted region: at each call it runs a graph in which the
+    stream is expanded into ``n`` copies at the chain's head, each site mixes the streams with ``torch.ops.mhc``
+    ops, and the streams are averaged back where the residual leaves the chain. A call in another mode or with
+    another signature (train/eval, keyword inputs, dtype, ...) traces the region again: a graph is never run
+    for a call it was not traced for. With ``init="identity"`` (the default) the converted model computes the
+    same function as the original until it trains.
 
     Args:
-        model: the model (``nn.Module`` or ``GraphModule``). It is not modified; the returned module shares
-            its parameters (deep-copy the model first to keep an independent original).
+        model: the model. It is not modified: the result is a copy of the same class sharing its parameters
+            (deep-copy the model first to keep an independent original). A ``GraphModule`` is rewritten as a
+            graph and a ``GraphModule`` is returned.
         n: number of streams (default 4).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. Required when
-            ``symbolic_trace`` fails (Hugging Face models) or the stream width cannot be read off the modules.
+            ``symbolic_trace`` fails (Hugging Face models). The model is run once on them (no grad, buffers and
+            RNG untouched): inputs it cannot run are an error with the model's own message.
         config: an :class:`MHCConfig`, instead of ``n`` and keyword options.
         **options: the other :class:`MHCConfig` fields: ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``,
             ``filter_fn``.
     Returns:
-        A ``GraphModule`` whose new parameters live under ``mhc.<module path>`` and whose ``mhc_sites`` lists
-        the rewritten sites; or ``model`` itself, with a warning, when it has no residual to rewrite.
+        The converted model (same class as ``model``): its mHC parameters live under ``<region>.mhc.<site>``,
+        ``mhc_sites``/``mhc_skipped`` list the sites and ``mhc_config`` the options; or ``model`` itself, with a
+        warning, when it has no residual to rewrite.
 
     Example:
         >>> model = mhc_rewrite.convert(model, n=4)
         >>> model.mhc_sites[0].module_path
     """
     config = _resolve_config(n, config, options)
-    if isinstance(model, fx.GraphModule) and hasattr(model, "mhc_sites"):
-        raise MHCRewriteError("this model is already converted (it has mhc_sites); convert the original instead")
-    gm = _analyse(model, example_inputs, config)
-    sites = gm.meta["mhc_sites"]
-    if not any(site.rewrite for site in sites):
-        reasons = "; ".join(sorted({f"{s.module_path or '<root>'}: {s.skip_reason}" for s in sites}))
-        warnings.warn(
-            f"{type(model).__name__} has no residual site to rewrite"
-            + (f" (found {len(sites)}, all skipped: {reasons})" if sites else "")
-            + "; returning the model unchanged",
-            stacklevel=2,
-        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
+    _refuse_converted(model)
+    if isinstance(model, fx.GraphModule):
+        return _graph_convert(model, example_inputs, config)
+    if example_inputs is not None:
+        _check_runs(model, example_inputs)
+    try:
+        gm = _analyse(model, example_inputs, config)
+    except TraceError:
+        raise
+    sites: list[ResidualSite] = gm.meta["mhc_sites"]
+    rewritten = [site for site in sites if site.rewrite]
+    if not rewritten:
+        _warn_nothing(model, sites)
         return model
-    _run("rewrite_mhc", rewrite_mhc, gm, config)
-    del gm.meta["mhc_sites"]  # graph-level records hold nodes; users get the plain SiteInfo records
-    gm.mhc_sites = [site.info() for site in sites if site.rewrite]
-    gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
-    gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
-    gm.mhc_model_name = type(model).__name__
-    log.info("rewrote %d residual site(s) in %d chain(s)", len(gm.mhc_sites), len({s.chain for s in gm.mhc_sites}))
-    return gm
+    for site in rewritten:
+        if site.channels is None:
+            raise MHCRewriteError(
+                f"cannot tell the width of the residual stream at {site.module_path or 'the model root'}: "
+                "pass example_inputs to convert() so that shapes can be propagated"
+            )
+    path = _region_path(rewritten)
+    root, region = shallow_clone(model, path)
+    region.__class__ = converted_class(type(region))
+    record = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
+    region.__dict__["_mhc_state"] = RegionState(record, path)
+    region.mhc = nn.ModuleDict()
+    inside = [s for s in sites if not path or s.module_path == path or s.module_path.startswith(path + ".")]
+    keys = param_keys(inside, lambda s: _relative(s.module_path, path))
+    device = next(model.parameters(), torch.empty(0)).device
+    for site in rewritten:
+        key = keys[site]
+        region.mhc[key] = MHCSiteParams(config, site.channels, site.index, _relative(site.module_path, path), device)
+        site.param_name = f"{path + '.' if path else ''}mhc.{key}"
+    root.mhc_sites = [site.info() for site in rewritten]
+    root.mhc_skipped = [site.info() for site in sites if not site.rewrite]
+    root.mhc_config = record
+    root.mhc_model_name = type(model).__name__
+    if getattr(root, "generation_config", None) is not None:
+        root.generation_config.use_cache = False  # a converted region runs without a key-value cache
+    if getattr(root, "config", None) is not None and hasattr(root.config, "to_dict"):
+        root.config.mhc_rewrite = config_record(record, path)  # written by save_pretrained
+    log.info("rewrote %d residual site(s) in %d chain(s) inside %s", len(rewritten),
+             len({s.chain for s in rewritten}), path or "the model root")
+    return root
+
+
+def config_record(config: MHCConfig, region_path: str) -> dict:
+    """The options of a conversion as plain data (saved with the model, validated when loaded)."""
+    record = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "filter_fn"}
+    return {**record, "region": region_path}

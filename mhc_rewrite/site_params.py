@@ -60,19 +60,33 @@ class MHCSiteParams(nn.Module):
         super().__init__()
         n, m = config.n, num_logits(config.n)
         self.n, self.channels, self.module_path = n, channels, module_path
-        self.bias = nn.Parameter(initial_bias(config, site_index).to(device=device, dtype=torch.float32))
+        self.site_index, self.mode, self.init = site_index, config.mode, config.init
+        self.bias = nn.Parameter(torch.empty(m, device=device))
         if config.dynamic:
-            # alpha = 0 keeps the function exact at init while phi, small and random, gives the gates a
-            # gradient from step 0 (SPEC §2). The paper states only a = 0.01.
-            start = 0.0 if config.init == "identity" else 0.01
-            self.alpha = nn.Parameter(torch.full((3,), start, device=device))
-            phi = torch.randn(n * channels, m, device=device) / math.sqrt(n * channels)
-            if config.init == "paper" and config.mode == "hc":
-                phi.zero_()  # the HC paper starts its dynamic weights at zero
-            self.phi = nn.Parameter(phi)
+            self.alpha = nn.Parameter(torch.empty(3, device=device))
+            self.phi = nn.Parameter(torch.empty(n * channels, m, device=device))
         else:
             self.register_parameter("alpha", None)
             self.register_parameter("phi", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise in place: the identity init keeps the converted model's function (``phi`` redrawn).
+
+        Also what a meta-device workflow calls after ``to_empty()``.
+        """
+        config = MHCConfig(n=self.n, mode=self.mode, init=self.init)
+        self.bias.copy_(initial_bias(config, self.site_index))
+        if self.phi is not None:
+            # alpha = 0 keeps the function exact at init while phi, small and random, gives the gates a
+            # gradient from step 0 (breaking the stream symmetry). The paper states only a = 0.01.
+            self.alpha.fill_(0.0 if self.init == "identity" else 0.01)
+            if self.init == "paper" and self.mode == "hc":
+                self.phi.zero_()  # the HC paper starts its dynamic weights at zero
+            else:
+                fan_in = self.phi.shape[0]
+                self.phi.copy_(torch.randn(self.phi.shape, device=self.phi.device) / math.sqrt(fan_in))
 
     def extra_repr(self) -> str:
         return f"n={self.n}, channels={self.channels}, module_path={self.module_path!r}"

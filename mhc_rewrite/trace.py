@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -111,3 +111,50 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     if example_inputs is not None:
         _propagate_fake_values(gm, args, kwargs)
     return gm
+
+
+def _holds_tensor(value: Any) -> bool:
+    return any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
+
+
+def _symbolic_trace_call(model: nn.Module, args: tuple, kwargs: dict) -> Optional[fx.GraphModule]:
+    """``symbolic_trace`` specialised on this call: tensors become inputs, every other argument a constant."""
+    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None  # torch.fx cannot trace a forward taking *args/**kwargs
+    try:
+        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    values = dict(list(bound.arguments.items())[1:])
+    concrete = {name: v for name, v in values.items() if not isinstance(v, torch.Tensor)}
+    if any(_holds_tensor(v) for v in concrete.values()):
+        return None  # tensors inside containers would be baked in as constants
+    try:
+        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+    except Exception as exc:
+        log.info("symbolic_trace of %s failed (%s); using torch.export", type(model).__name__, exc)
+        return None
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values.values()]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)  # placeholders follow the signature's order
+    gm.meta["mhc_call"] = "positional"  # call with every argument by position (fx renames specialised ones)
+    return gm
+
+
+def trace_call(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Trace ``model`` for one call (a specialisation): ``symbolic_trace`` with the non-tensor arguments as
+    constants, else ``torch.export`` (non-strict) with these inputs. Shapes are propagated in both cases.
+
+    Raises:
+        TraceError: neither tracer could trace the call.
+    """
+    gm = _symbolic_trace_call(model, args, kwargs)
+    if gm is not None:
+        return gm
+    try:
+        return _export(model, args, kwargs)
+    except Exception as exc:
+        raise TraceError(f"could not trace {type(model).__name__} for this call: torch.export failed "
+                         f"({type(exc).__name__}: {exc})") from exc

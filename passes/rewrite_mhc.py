@@ -83,12 +83,35 @@ def _after(node: fx.Node) -> fx.Node:
     return node.next
 
 
-def _unique_key(container: nn.ModuleDict, module_path: str) -> str:
+def param_key(module_path: str, occurrence: int) -> str:
+    """The ``gm.mhc`` key of a site: its module path (dots as underscores), then ``_k`` for the k-th reuse.
+
+    The key depends only on the module path and on how many earlier sites of the same path the trace holds
+    (a weight-shared block applied 4 times gives ``blk``, ``blk_1``, ...), so two traces of one model (train and
+    eval, two input signatures) map every site to the same parameters.
+    """
     base = module_path.replace(".", "_") or "root"
-    key, i = base, 1
-    while key in container:
-        key, i = f"{base}_{i}", i + 1
-    return key
+    return base if occurrence == 0 else f"{base}_{occurrence}"
+
+
+def param_keys(sites: list[ResidualSite], path_of=lambda site: site.module_path) -> dict[ResidualSite, str]:
+    """Every site's ``gm.mhc`` key, counting reuses of a module path over all sites found (rewritten or not)."""
+    seen: dict[str, int] = {}
+    keys = {}
+    for site in sites:
+        path = path_of(site)
+        keys[site] = param_key(path, seen.get(path, 0))
+        seen[path] = seen.get(path, 0) + 1
+    return keys
+
+
+def _check_reusable(params: MHCSiteParams, config: MHCConfig, site: ResidualSite) -> None:
+    if params.n != config.n or params.channels != site.channels or (params.phi is not None) != config.dynamic:
+        raise MHCRewriteError(
+            f"the residual site at {site.module_path or 'the model root'} has width {site.channels} in this trace, "
+            f"but its mHC parameters were made for width {params.channels} (n={params.n}); the model computes a "
+            "different residual stream for these inputs than for the ones it was converted with"
+        )
 
 
 def _device(site: ResidualSite, gm: fx.GraphModule) -> torch.device:
@@ -119,6 +142,7 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
     stream_out: dict[ResidualSite, fx.Node] = {}  # site -> its n-stream output
     expanded: dict[fx.Node, fx.Node] = {}  # chain-head stream -> its n-stream tensor
     reduced: dict[fx.Node, fx.Node] = {}  # erased site output -> the reduce that replaced it
+    keys = param_keys(gm.meta["mhc_sites"])
     for site in sites:
         if site.channels is None:
             raise MHCRewriteError(
@@ -136,8 +160,11 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
                 streams = expanded[stream] = make("expand", mhc.expand_streams.default,
                                                   make.to_channel_last(stream), config.n)
 
-        key = _unique_key(gm.mhc, site.module_path)
-        gm.mhc[key] = MHCSiteParams(config, site.channels, site.index, site.module_path, _device(site, gm))
+        key = keys[site]
+        if key in gm.mhc:  # parameters registered before this trace (a converted model's region): reuse them
+            _check_reusable(gm.mhc[key], config, site)
+        else:
+            gm.mhc[key] = MHCSiteParams(config, site.channels, site.index, site.module_path, _device(site, gm))
         site.param_name = f"mhc.{key}"
         with graph.inserting_before(_after(streams)):
             params = [make.get_attr(f"{site.param_name}.{name}") if getattr(gm.mhc[key], name) is not None else None

@@ -1,0 +1,186 @@
+"""The converted region: the part of the user's model whose residuals became mHC, re-traced per specialisation.
+
+``convert(model)`` returns a shallow copy of the user's model (same class, parameters shared) in which the
+smallest module holding every rewritten residual chain, the *region* (``model.model`` for a Hugging Face causal
+LM, the model itself for a plain PyTorch model), becomes an instance of a subclass of its own class (the way
+``torch.nn.utils.parametrize`` does it). That subclass:
+
+- holds the mHC parameters as an ordinary child, ``<region>.mhc.<site key>``: ``parameters()``, ``state_dict``,
+  optimizers, DDP/FSDP and checkpoints see them from the start;
+- runs every call through a graph traced and rewritten for that call's specialisation
+  (``mhc_rewrite/specialisation.py``): a call that leaves the specialisation a graph was traced for (train/eval,
+  other keyword inputs, aliasing, a size export fixed, another dtype after ``.to()``) traces again, so a stale
+  graph never runs. All graphs share the one set of mHC parameters.
+- keeps everything outside the region — loss, ``generate``, ``save_pretrained``, the config — the user's code.
+
+Key-value caches cannot cross a traced graph (they are mutated in place by attention); a converted region runs
+without one: ``use_cache`` is forced off inside it and an empty cache object is dropped; a non-empty one is an
+error (convert sets ``generation_config.use_cache = False`` so that ``generate`` never builds one).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Hashable, Optional
+
+import torch
+from torch import fx, nn
+
+from .config import MHCConfig
+from .errors import MHCRewriteError
+from .specialisation import call_key, sizes_match, static_sizes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RegionState:
+    """What a converted region remembers: the options, and its graphs (never pickled: re-traced on demand)."""
+
+    config: MHCConfig
+    path: str  # the region's module path in the converted model ("" for the root)
+    graphs: dict[Hashable, list] = field(default_factory=dict)  # key -> [(fixed sizes, GraphModule)]
+    traces: int = 0
+    trace_seconds: float = 0.0
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["graphs"] = {}
+        return state
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def converted_class(base: type) -> type:
+    """The converted-region subclass of ``base`` (one per class, created on first use)."""
+    if base not in _CLASSES:
+        _CLASSES[base] = type(f"MHC{base.__name__}", (ConvertedRegion, base), {"__module__": base.__module__})
+    return _CLASSES[base]
+
+
+def _new_region(base: type) -> nn.Module:
+    """Unpickling: an empty instance of ``base``'s converted subclass (pickle then restores its ``__dict__``)."""
+    cls = converted_class(base)
+    return cls.__new__(cls)
+
+
+def region_base(cls: type) -> type:
+    return next(c for c in cls.__mro__[1:] if c is not ConvertedRegion and not issubclass(c, ConvertedRegion))
+
+
+@contextmanager
+def original_module(region: "ConvertedRegion"):
+    """``region`` as the user's class, without its ``mhc`` child, while a tracer runs its original ``forward``."""
+    cls, params = region.__class__, region._modules.pop("mhc")
+    region.__class__ = region_base(cls)
+    try:
+        yield region
+    finally:
+        region.__class__ = cls
+        region._modules["mhc"] = params
+
+
+def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Run without a key-value cache: ``use_cache=False`` where the forward takes it; empty caches dropped."""
+    kwargs = dict(kwargs)
+    params = inspect.signature(region_base(type(region)).forward).parameters
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    for name, value in list(kwargs.items()):
+        if value is not None and hasattr(value, "get_seq_length"):  # a transformers Cache
+            if value.get_seq_length() != 0:
+                raise MHCRewriteError(
+                    f"a converted model got a filled key-value cache ({type(value).__name__} as {name!r}): mHC "
+                    "regions run without a cache. Call without past_key_values (generate(..., use_cache=False); "
+                    "convert() already sets generation_config.use_cache = False)."
+                )
+            kwargs[name] = None
+    return args, kwargs
+
+
+class ConvertedRegion(nn.Module):
+    """Mixin placed before the user's class: ``forward`` runs the graph of the call's specialisation."""
+
+    def forward(self, *args, **kwargs):
+        args, kwargs = _drop_cache(self, args, kwargs)
+        gm = self._mhc_graph_for(args, kwargs)
+        if gm.meta.get("mhc_call") == "positional":  # symbolic_trace renames specialised arguments
+            bound = inspect.signature(region_base(type(self)).forward).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            return gm(*list(bound.arguments.values())[1:])
+        return gm(*args, **kwargs)
+
+    def mhc_graph(self, *args, **kwargs) -> fx.GraphModule:
+        """The rewritten graph this region runs for ``args``/``kwargs`` in its current mode (traced if needed)."""
+        return self._mhc_graph_for(*_drop_cache(self, args, kwargs))
+
+    def _mhc_graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
+        state: RegionState = self.__dict__["_mhc_state"]
+        key = call_key(self, args, kwargs)
+        for fixed, gm in state.graphs.get(key, ()):
+            if sizes_match(fixed, args, kwargs):
+                return gm
+        start = time.perf_counter()
+        from .convert import build_specialisation  # convert imports this module
+
+        gm = build_specialisation(self, args, kwargs)
+        seconds = time.perf_counter() - start
+        state.traces, state.trace_seconds = state.traces + 1, state.trace_seconds + seconds
+        log.info("traced %s for a new specialisation (%d so far, %.2f s)", type(self).__name__, state.traces, seconds)
+        state.graphs.setdefault(key, []).append((static_sizes(gm, args, kwargs), gm))
+        return gm
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_mhc_state"].graphs.clear()  # .to()/.half()/to_empty() may replace tensors a graph holds
+        return super()._apply(fn, recurse)
+
+    def __reduce_ex__(self, protocol):
+        state = dict(self.__dict__)
+        state["_mhc_state"] = copy.copy(state["_mhc_state"])
+        state["_mhc_state"].graphs = {}
+        return _new_region, (region_base(type(self)),), state
+
+    def __setstate__(self, state):
+        nn.Module.__setstate__(self, state)
+
+
+def shallow_clone(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
+    """A copy of ``model`` sharing every parameter and module except those on the way to ``path``.
+
+    The modules from the root to ``path`` are copied (same class, own child/parameter/hook registries), so
+    swapping the module at ``path`` in the copy leaves the user's model untouched. Returns ``(root, module at
+    path)`` of the copy.
+    """
+    def clone(module: nn.Module) -> nn.Module:
+        new = copy.copy(module)
+        for name, value in module.__dict__.items():
+            if isinstance(value, dict):
+                new.__dict__[name] = copy.copy(value)  # _modules, _parameters, _buffers, hook registries
+        for name in ("config", "generation_config"):  # Hugging Face: the copy's options are its own
+            if name in module.__dict__:
+                new.__dict__[name] = copy.deepcopy(module.__dict__[name])
+        return new
+
+    root = current = clone(model)
+    for name in path.split(".") if path else ():
+        child = clone(current._modules[name])
+        current._modules[name] = child
+        current = child
+    return root, current
+
+
+def find_region(model: nn.Module) -> Optional["ConvertedRegion"]:
+    return next((m for m in model.modules() if isinstance(m, ConvertedRegion)), None)
+
+
+def region_of(model: nn.Module) -> "ConvertedRegion":
+    region = find_region(model)
+    if region is None:
+        raise MHCRewriteError(f"{type(model).__name__} is not a model returned by mhc_rewrite.convert")
+    return region
