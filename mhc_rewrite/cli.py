@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from . import convert
+from .convert import trace_unconverted
 from .inspect import explain, stream_diagnostics
-from .trace import split_example_inputs, trace
+from .trace import split_example_inputs
 
 
 class CLIError(Exception):
@@ -97,8 +98,10 @@ def inspect_command(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         block = args.block or _first_block(converted.mhc_sites)
-        written = [draw_graph(trace(model, example_inputs), out / "block_before.png", block, title=f"{block}: before"),
-                   draw_graph(converted, out / "block_after.png", block, title=f"{block}: after")]
+        before = trace_unconverted(model, example_inputs)
+        after = convert(before, example_inputs=example_inputs, **options)  # the same rewrite, as one graph
+        written = [draw_graph(before, out / "block_before.png", block, title=f"{block}: before"),
+                   draw_graph(after, out / "block_after.png", block, title=f"{block}: after")]
         if diagnostics is not None:
             written += [plot_h_res(diagnostics, out / "h_res.png"), plot_gains(diagnostics, out / "gains.png")]
         (out / "report.json").write_text(report.to_json())

@@ -64,10 +64,15 @@ def _without_cache(model: nn.Module, example_inputs: Any) -> Any:
     return {**kwargs, "use_cache": False}
 
 
-def _analyse(model: nn.Module, example_inputs: Any, config: MHCConfig) -> fx.GraphModule:
+def trace_unconverted(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
+    """The whole-model trace the analysis reads (key-value caches off: they cannot cross a trace)."""
     if not isinstance(model, fx.GraphModule) and example_inputs is not None:
         example_inputs = _without_cache(model, example_inputs)
-    gm = trace(model, example_inputs)
+    return trace(model, example_inputs)
+
+
+def _analyse(model: nn.Module, example_inputs: Any, config: MHCConfig) -> fx.GraphModule:
+    gm = trace_unconverted(model, example_inputs)
     _run("find_residual_sites", find_residual_sites, gm, config.filter_fn)
     _run("group_chains", group_chains, gm)
     return gm
@@ -185,7 +190,19 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
     _run("group_chains", group_chains, gm)
     _run("rewrite_mhc", rewrite_mhc, gm, state.config)
     del gm.meta["mhc_sites"]
+    if state.path:  # module paths as in the whole model, for the inspect views
+        for node in gm.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = {k: (_absolute(p, state.path), t) for k, (p, t) in stack.items()}
+            if "mhc" in node.meta:
+                node.meta["mhc"] = {**node.meta["mhc"], "module_path": _absolute(node.meta["mhc"]["module_path"],
+                                                                                   state.path)}
     return gm
+
+
+def _absolute(path: str, region: str) -> str:
+    return f"{region}.{path}" if path else region
 
 
 def convert(

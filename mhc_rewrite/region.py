@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .config import MHCConfig
@@ -47,6 +48,7 @@ class RegionState:
     graphs: dict[Hashable, list] = field(default_factory=dict)  # key -> [(fixed sizes, GraphModule)]
     traces: int = 0
     trace_seconds: float = 0.0
+    last: Optional[fx.GraphModule] = None  # the graph of the latest call, for the inspect views
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -111,9 +113,7 @@ class ConvertedRegion(nn.Module):
         args, kwargs = _drop_cache(self, args, kwargs)
         gm = self._mhc_graph_for(args, kwargs)
         if gm.meta.get("mhc_call") == "positional":  # symbolic_trace renames specialised arguments
-            bound = inspect.signature(region_base(type(self)).forward).bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            return gm(*list(bound.arguments.values())[1:])
+            return gm(*graph_inputs(self, gm, args, kwargs))
         return gm(*args, **kwargs)
 
     def mhc_graph(self, *args, **kwargs) -> fx.GraphModule:
@@ -122,19 +122,11 @@ class ConvertedRegion(nn.Module):
 
     def _mhc_graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
         state: RegionState = self.__dict__["_mhc_state"]
-        key = call_key(self, args, kwargs)
-        for fixed, gm in state.graphs.get(key, ()):
+        for fixed, gm in state.graphs.get(call_key(self, args, kwargs), ()):
             if sizes_match(fixed, args, kwargs):
+                state.last = gm
                 return gm
-        start = time.perf_counter()
-        from .convert import build_specialisation  # convert imports this module
-
-        gm = build_specialisation(self, args, kwargs)
-        seconds = time.perf_counter() - start
-        state.traces, state.trace_seconds = state.traces + 1, state.trace_seconds + seconds
-        log.info("traced %s for a new specialisation (%d so far, %.2f s)", type(self).__name__, state.traces, seconds)
-        state.graphs.setdefault(key, []).append((static_sizes(gm, args, kwargs), gm))
-        return gm
+        return _build(self, args, kwargs)  # under torch.compile: a graph break, then the new graph is traced
 
     def _apply(self, fn, recurse=True):
         self.__dict__["_mhc_state"].graphs.clear()  # .to()/.half()/to_empty() may replace tensors a graph holds
@@ -148,6 +140,82 @@ class ConvertedRegion(nn.Module):
 
     def __setstate__(self, state):
         nn.Module.__setstate__(self, state)
+
+
+@torch._dynamo.disable
+def _build(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Trace and rewrite the region for a call it has no graph for, and cache the graph under the call's key.
+
+    Runs eagerly even under ``torch.compile``: a trace needs the real call (a graph break, once per
+    specialisation; run the model once in each mode before compiling with ``fullgraph=True``)."""
+    from .convert import build_specialisation  # convert imports this module
+
+    state: RegionState = region.__dict__["_mhc_state"]
+    start = time.perf_counter()
+    gm = build_specialisation(region, args, kwargs)
+    seconds = time.perf_counter() - start
+    state.traces, state.trace_seconds = state.traces + 1, state.trace_seconds + seconds
+    log.info("traced %s for a new specialisation (%d so far, %.2f s)", type(region).__name__, state.traces, seconds)
+    state.graphs.setdefault(call_key(region, args, kwargs), []).append((static_sizes(gm, args, kwargs), gm))
+    state.last = gm
+    return gm
+
+
+def graph_inputs(region: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The values of ``gm``'s placeholders, in order, for a call ``region(*args, **kwargs)``."""
+    if gm.meta.get("mhc_call") == "positional":
+        bound = inspect.signature(region_base(type(region)).forward).bind(region, *args, **kwargs)
+        bound.apply_defaults()
+        return list(bound.arguments.values())[1:]
+    return pytree.tree_leaves((args, kwargs))  # torch.export's module flattens its inputs this way
+
+
+class _Captured(Exception):
+    pass
+
+
+def region_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple["ConvertedRegion", fx.GraphModule, list]:
+    """Run ``model`` up to its converted region and return the region, the graph it would run for this call,
+    and that graph's inputs (the rest of the model is not run)."""
+    region = region_of(model)
+    captured = {}
+
+    def capture(module, call_args, call_kwargs):
+        captured["call"] = _drop_cache(module, call_args, call_kwargs)
+        raise _Captured
+
+    handle = region.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model(*args, **kwargs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in captured:
+        raise MHCRewriteError(f"calling {type(model).__name__} with these inputs never reached its converted region")
+    call_args, call_kwargs = captured["call"]
+    gm = region._mhc_graph_for(call_args, call_kwargs)
+    return region, gm, graph_inputs(region, gm, call_args, call_kwargs)
+
+
+def converted_graph(model: nn.Module, *args, **kwargs) -> fx.GraphModule:
+    """The rewritten graph a converted model runs for these inputs in its current mode (for reading and drawing).
+
+    Args:
+        model: a model returned by :func:`mhc_rewrite.convert`.
+        *args, **kwargs: inputs as for ``model(*args, **kwargs)``; with none, the graph of the latest call.
+    Returns:
+        A ``GraphModule`` of the converted region; its nodes carry the module paths of the whole model.
+
+    Example:
+        >>> print(converted_graph(model, input_ids).code)
+    """
+    if args or kwargs:
+        return region_call(model, args, kwargs)[1]
+    last = region_of(model).__dict__["_mhc_state"].last
+    if last is None:
+        raise MHCRewriteError("this converted model has not run yet: pass example inputs to converted_graph()")
+    return last
 
 
 def shallow_clone(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:

@@ -20,6 +20,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..passes.sites import SiteInfo
+from ..region import region_call
 
 
 def amax_gain(matrix: torch.Tensor) -> tuple[float, float]:
@@ -137,11 +138,18 @@ def stream_diagnostics(gm: fx.GraphModule, *args, **kwargs) -> StreamDiagnostics
     sites: list[SiteInfo] = getattr(gm, "mhc_sites", None)
     if not sites:
         raise ValueError("stream_diagnostics needs a model returned by mhc_rewrite.convert (it has no mhc_sites)")
-    recorder = _MapRecorder(gm)
-    recorder.run(*_flat_inputs(gm, args, kwargs))
+    prefix = ""
+    if isinstance(gm, fx.GraphModule):
+        graph, inputs = gm, _flat_inputs(gm, args, kwargs)
+    else:  # a converted model: the graph its region runs for these inputs
+        region, graph, inputs = region_call(gm, args, kwargs)
+        path = region.__dict__["_mhc_state"].path
+        prefix = path + "." if path else ""
+    recorder = _MapRecorder(graph)
+    recorder.run(*inputs)
     result = StreamDiagnostics(sites=[])
     for site in sites:
-        maps = recorder.maps[site.param_name]
+        maps = recorder.maps[site.param_name.removeprefix(prefix)]
         mean = {k: torch.stack([v.double().reshape(-1, *v.shape[-(2 if k == "h_res" else 1):]).mean(0)
                                 for v in maps[k]]).mean(0) for k in maps}
         result.sites.append(SiteMaps(site.index, site.module_path, site.chain, mean["h_pre"], mean["h_post"],

@@ -19,6 +19,7 @@ import networkx as nx  # noqa: E402
 import torch  # noqa: E402
 from torch import fx  # noqa: E402
 
+from ..region import converted_graph  # noqa: E402
 from .diagnostics import StreamDiagnostics  # noqa: E402
 from .text import in_module, is_noise  # noqa: E402
 
@@ -46,7 +47,11 @@ def _drawn_input(node: fx.Node) -> bool:
 
 
 def block_graph(gm: fx.GraphModule, module_path: Optional[str] = None) -> nx.DiGraph:
-    """The dataflow graph of ``gm`` (or of the nodes inside ``module_path`` and their direct inputs)."""
+    """The dataflow graph of ``gm`` (or of the nodes inside ``module_path`` and their direct inputs).
+
+    ``gm`` may be a converted model: its latest graph is drawn (see :func:`mhc_rewrite.converted_graph`)."""
+    if not isinstance(gm, fx.GraphModule):
+        gm = converted_graph(gm)
     keep = [n for n in gm.graph.nodes
             if n.op != "get_attr" and not is_noise(n) and (module_path is None or in_module(n, module_path))]
     if module_path is not None:  # the tensors flowing into the block, so its inputs are visible

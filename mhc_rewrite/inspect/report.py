@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from torch import fx, nn
+from torch import nn
 
 from ..config import MHCConfig
 from ..convert import find_residuals
@@ -75,11 +75,12 @@ def explain(model: nn.Module, example_inputs: Any = None, n: Optional[int] = Non
         >>> print(mhc_rewrite.explain(model))
     """
     name = type(model).__name__
-    if isinstance(model, fx.GraphModule) and hasattr(model, "mhc_sites"):
+    if hasattr(model, "mhc_sites"):
         if n is not None or options:
             raise TypeError("explain() of a converted model describes what was done: pass no n or options")
         sites = sorted(model.mhc_sites + model.mhc_skipped, key=lambda s: s.index)
-        new = sum(p.numel() for name_, p in model.named_parameters() if name_.startswith("mhc."))
+        new = sum(p.numel() for name_, p in model.named_parameters()
+                  if name_.startswith("mhc.") or ".mhc." in name_)
         return Report(getattr(model, "mhc_model_name", name), True, model.mhc_config, sites, new_parameters=new)
     config = MHCConfig(n=4 if n is None else n, **options)
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

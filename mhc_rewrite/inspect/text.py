@@ -7,6 +7,7 @@ from typing import Iterable
 from torch import fx
 
 from ..passes.sites import SiteInfo
+from ..region import converted_graph
 
 
 def sites_table(sites: Iterable[SiteInfo]) -> str:
@@ -53,6 +54,8 @@ def block_code(gm: fx.GraphModule, module_path: str) -> str:
     Example:
         >>> print(block_code(converted, "model.layers.0"))
     """
+    if not isinstance(gm, fx.GraphModule):
+        gm = converted_graph(gm)
     names = {node.name for node in gm.graph.nodes if in_module(node, module_path) and not is_noise(node)}
     lines = []
     for line in gm.code.splitlines():
