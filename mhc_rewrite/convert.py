@@ -21,6 +21,7 @@ from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
 from mhc_rewrite.passes.rewrite_mhc import param_keys
 from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
 
+from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
 from .errors import MHCRewriteError, TraceError
 from .region import RegionState, converted_class, find_region, original_module, shallow_clone
@@ -170,10 +171,16 @@ def _warn_nothing(model: nn.Module, sites: list[ResidualSite]) -> None:
     )
 
 
+def _same(tensor):
+    return tensor
+
+
 def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """Trace the region's original forward for this call and rewrite it with the region's mHC parameters."""
     state: RegionState = region.__dict__["_mhc_state"]
-    with original_module(region):
+    # the caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors
+    with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+            record_checkpoints(region) as units:
         gm = trace_call(region, args, kwargs)
     gm.mhc = region.mhc  # reuse, never create: rewrite_mhc finds every site's parameters here
     _run("find_residual_sites", find_residual_sites, gm, None)
@@ -190,6 +197,8 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
     _run("group_chains", group_chains, gm)
     _run("rewrite_mhc", rewrite_mhc, gm, state.config)
     del gm.meta["mhc_sites"]
+    if units:  # checkpointed layers stay checkpointed, their mHC ops with them
+        gm = checkpoint_units(gm, units)
     if state.path:  # module paths as in the whole model, for the inspect views
         for node in gm.graph.nodes:
             stack = node.meta.get("nn_module_stack")
