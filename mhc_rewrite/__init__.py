@@ -14,8 +14,9 @@ from .inspect import explain, stream_diagnostics
 from .passes.sites import SiteInfo
 from .recompute import recompute_streams
 from .region import converted_graph
+from .saving import from_pretrained
 from .site_params import MHCSiteParams
 
 __all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "compile", "convert",
-           "converted_graph", "explain", "find_residuals", "recompute_streams", "stream_diagnostics"]
+           "converted_graph", "explain", "find_residuals", "from_pretrained", "recompute_streams", "stream_diagnostics"]
 __version__ = "0.1.0"

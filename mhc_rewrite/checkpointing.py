@@ -98,7 +98,8 @@ def checkpoint_units(gm: fx.GraphModule, units: list[str]) -> fx.GraphModule:
         nodes = {n: None for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
                  and _in_unit(n, unit)}
         # weights read only inside the unit stay inside (not checkpoint inputs, which it would save)
-        weights = {n: None for n in gm.graph.nodes if n.op == "get_attr" and n.users and all(u in nodes for u in n.users)}
+        weights = {n: None for n in gm.graph.nodes
+                   if n.op == "get_attr" and n.users and all(u in nodes for u in n.users)}
         if nodes:
             partitions.append({**weights, **nodes})
     if not partitions:

@@ -25,6 +25,7 @@ from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
 from .errors import MHCRewriteError, TraceError
 from .region import RegionState, converted_class, find_region, original_module, shallow_clone
+from .saving import example_input_spec
 from .site_params import MHCSiteParams
 from .trace import split_example_inputs, trace, trace_call
 
@@ -296,7 +297,8 @@ def convert(
     if getattr(root, "generation_config", None) is not None:
         root.generation_config.use_cache = False  # a converted region runs without a key-value cache
     if getattr(root, "config", None) is not None and hasattr(root.config, "to_dict"):
-        root.config.mhc_rewrite = config_record(record, path)  # written by save_pretrained
+        # written by save_pretrained, read back (and validated) by mhc_rewrite.from_pretrained
+        root.config.mhc_rewrite = {**config_record(record, path), "example_inputs": example_input_spec(example_inputs)}
     log.info("rewrote %d residual site(s) in %d chain(s) inside %s", len(rewritten),
              len({s.chain for s in rewritten}), path or "the model root")
     return root
