@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import fx, nn
@@ -38,34 +38,61 @@ def _common_path(paths: list[str]) -> str:
     return ".".join(common)
 
 
-@contextmanager
-def record_checkpoints(model: nn.Module) -> Iterator[list[str]]:
-    """Within the block, record the module path of every unit of ``model`` run inside a checkpoint.
+class CheckpointRecorder:
+    """Records, for each checkpoint call during a trace, the module paths called inside it.
 
-    Yields a list that is filled when the block exits.
+    ``watch(module)`` is called at every module call: by forward pre-hooks (torch.export runs the modules), and
+    by the symbolic tracer for the leaf modules it does not run. ``units`` lists the checkpointed units.
     """
-    names = {id(m): name for name, m in model.named_modules()}
-    groups: dict[object, list[str]] = {}  # checkpoint's pack hook (one per checkpoint call) -> module paths
 
-    def watch(module, args):
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.groups: dict[object, list[str]] = {}  # checkpoint's pack hook (one per checkpoint call) -> paths
+
+    def current(self) -> Optional[int]:
+        """The number of the checkpoint call running now, or None outside any checkpoint."""
         top = torch._C._autograd._top_saved_tensors_default_hooks(True)
-        if top is not None and "_checkpoint_hook" in getattr(top[0], "__qualname__", ""):
-            groups.setdefault(top[0], []).append(names.get(id(module), ""))
+        if top is None or "_checkpoint_hook" not in getattr(top[0], "__qualname__", ""):
+            return None
+        self.groups.setdefault(top[0], [])
+        return list(self.groups).index(top[0])
 
-    handles = [m.register_forward_pre_hook(watch) for m in model.modules()]
-    units: list[str] = []
-    try:
-        yield units
-    finally:
-        for handle in handles:
-            handle.remove()
-        for paths in groups.values():
+    def watch(self, module: nn.Module, *_) -> None:
+        if self.current() is not None:
+            self.groups[list(self.groups)[self.current()]].append(self.names.get(id(module), ""))
+
+    def tag(self, node: fx.Node) -> None:
+        """Mark a node created while tracing inside a checkpoint (the symbolic tracer calls this)."""
+        call = self.current()
+        if call is not None:
+            node.meta["checkpoint_call"] = call
+
+    @property
+    def units(self) -> list[str]:
+        units = []
+        for paths in self.groups.values():
+            if not paths:
+                continue
             unit = _common_path(paths)
             if unit:
                 units.append(unit)
             else:
                 log.warning("a checkpointed call of %s has no common module: it is not kept checkpointed",
-                            type(model).__name__)
+                            type(self.model).__name__)
+        return units
+
+
+@contextmanager
+def record_checkpoints(model: nn.Module) -> Iterator[CheckpointRecorder]:
+    """Within the block, record every module call of ``model`` made inside a checkpoint."""
+    recorder = CheckpointRecorder(model)
+    handles = [m.register_forward_pre_hook(recorder.watch) for m in model.modules()]
+    try:
+        yield recorder
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class Checkpointed(nn.Module):
@@ -79,17 +106,19 @@ class Checkpointed(nn.Module):
         return checkpoint(self.inner, *args, use_reentrant=False)
 
 
-def _in_unit(node: fx.Node, unit: str) -> bool:
+def _in_unit(node: fx.Node, unit) -> bool:
+    if isinstance(unit, int):  # a checkpoint call the symbolic tracer tagged its nodes with
+        return node.meta.get("checkpoint_call") == unit
     stack = node.meta.get("nn_module_stack") or {}
     return any(path == unit or path.startswith(unit + ".") for path, _ in stack.values())
 
 
-def checkpoint_units(gm: fx.GraphModule, units: list[str]) -> fx.GraphModule:
+def checkpoint_units(gm: fx.GraphModule, units: list) -> fx.GraphModule:
     """Move the nodes of each unit into a submodule run under activation checkpointing.
 
     Args:
-        gm: a traced (and rewritten) graph whose nodes carry ``nn_module_stack``.
-        units: module paths, as :func:`record_checkpoints` gives them.
+        gm: a traced (and rewritten) graph whose nodes carry ``nn_module_stack`` (or ``checkpoint_call`` tags).
+        units: module paths, as :class:`CheckpointRecorder` gives them, or checkpoint-call numbers.
     Returns:
         ``gm``, with ``checkpointed_<i>`` submodules.
     """

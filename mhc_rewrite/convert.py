@@ -181,8 +181,10 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
     state: RegionState = region.__dict__["_mhc_state"]
     # the caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors
     with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
-            record_checkpoints(region) as units:
-        gm = trace_call(region, args, kwargs)
+            record_checkpoints(region) as recorder:
+        gm = trace_call(region, args, kwargs, recorder=recorder)
+    tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
+    units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call
     gm.mhc = region.mhc  # reuse, never create: rewrite_mhc finds every site's parameters here
     _run("find_residual_sites", find_residual_sites, gm, None)
     sites = gm.meta["mhc_sites"]

@@ -5,8 +5,9 @@ and keep only the tensor operations: every decision the Python made is baked int
 only run a later call that would make the same decisions. The key of a call holds everything the original
 model may decide on in Python:
 
-- the train/eval flag of every module of the region (``nn.Dropout``, ``x if self.training else ...``,
-  DropPath, BatchNorm) and the ``gradient_checkpointing`` flags Hugging Face layers carry;
+- every public plain-valued attribute (bool, number, string, None) of every module of the region: the
+  train/eval flag (``nn.Dropout``, ``x if self.training else ...``, DropPath, BatchNorm), Hugging Face's
+  ``gradient_checkpointing``, a dropout's ``p``, a user's ``use_checkpoint`` switch;
 - grad mode and autocast;
 - the call signature: which arguments are given, by position or keyword, the value of every non-tensor argument
   (``None``, bools, ints, strings), and for tensors their dtype, device, rank and which sizes are 1 (export
@@ -54,7 +55,8 @@ def call_key(region: nn.Module, args: tuple, kwargs: dict) -> Hashable:
     tensors: list[torch.Tensor] = []
     arg_keys = tuple(_value_key(a, tensors, f"positional argument {i}") for i, a in enumerate(args))
     kwarg_keys = tuple(sorted((k, _value_key(v, tensors, f"argument {k!r}")) for k, v in kwargs.items()))
-    flags = tuple((m.training, bool(getattr(m, "gradient_checkpointing", False))) for m in region.modules())
+    flags = tuple(tuple((k, v) for k, v in m.__dict__.items() if not k.startswith("_") and
+                        (v is None or isinstance(v, _CONSTANTS))) for m in region.modules())
     grad_mode = (torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"),
                  torch.is_autocast_enabled("cuda") if torch.cuda.is_available() else False)
     return (flags, grad_mode, arg_keys, kwarg_keys)

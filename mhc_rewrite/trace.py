@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -54,6 +55,19 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     return program.module()
 
 
+@contextmanager
+def _buffers_kept(module: nn.Module):
+    """Shape propagation runs the model's leaf modules: undo what they write into buffers (BatchNorm's
+    ``num_batches_tracked += 1`` runs for real even under a fake-tensor mode)."""
+    saved = [(buf, buf.clone()) for buf in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
 def _propagate_fake_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
     if kwargs:
         names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
@@ -61,7 +75,8 @@ def _propagate_fake_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Non
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_args)
+        with _buffers_kept(gm):
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_args)
     except Exception as exc:  # shapes are a help, not a requirement
         log.warning("could not propagate shapes through the traced graph (%s); continuing without them", exc)
         for node in gm.graph.nodes:
@@ -117,7 +132,27 @@ def _holds_tensor(value: Any) -> bool:
     return any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
 
 
-def _symbolic_trace_call(model: nn.Module, args: tuple, kwargs: dict) -> Optional[fx.GraphModule]:
+class _WatchingTracer(fx.Tracer):
+    """A symbolic tracer that shows a recorder (``watch(module)``, ``tag(node)``) every leaf-module call and
+    every node it creates (see ``mhc_rewrite/checkpointing.py``)."""
+
+    def __init__(self, recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def call_module(self, m, forward, args, kwargs):
+        if self.recorder is not None and self.is_leaf_module(m, self.path_of_module(m)):
+            self.recorder.watch(m)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if self.recorder is not None:
+            self.recorder.tag(node)
+        return node
+
+
+def _symbolic_trace_call(model: nn.Module, args: tuple, kwargs: dict, recorder) -> Optional[fx.GraphModule]:
     """``symbolic_trace`` specialised on this call: tensors become inputs, every other argument a constant."""
     params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
@@ -132,25 +167,29 @@ def _symbolic_trace_call(model: nn.Module, args: tuple, kwargs: dict) -> Optiona
     if any(_holds_tensor(v) for v in concrete.values()):
         return None  # tensors inside containers would be baked in as constants
     try:
-        gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+        tracer = _WatchingTracer(recorder)
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:
         log.info("symbolic_trace of %s failed (%s); using torch.export", type(model).__name__, exc)
         return None
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values.values()]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)  # placeholders follow the signature's order
+    with _buffers_kept(gm):
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)  # placeholders follow the signature's order
     gm.meta["mhc_call"] = "positional"  # call with every argument by position (fx renames specialised ones)
     return gm
 
 
-def trace_call(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+def trace_call(model: nn.Module, args: tuple, kwargs: dict, recorder=None) -> fx.GraphModule:
     """Trace ``model`` for one call (a specialisation): ``symbolic_trace`` with the non-tensor arguments as
     constants, else ``torch.export`` (non-strict) with these inputs. Shapes are propagated in both cases.
+    ``recorder`` (a ``CheckpointRecorder``) is shown the leaf-module calls and new nodes of the symbolic tracer.
 
     Raises:
         TraceError: neither tracer could trace the call.
     """
-    gm = _symbolic_trace_call(model, args, kwargs)
+    gm = _symbolic_trace_call(model, args, kwargs, recorder)
     if gm is not None:
         return gm
     try:

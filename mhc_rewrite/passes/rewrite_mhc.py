@@ -63,6 +63,8 @@ class _NodeMaker:
 
     def _annotate(self, node: fx.Node, role: str) -> None:
         node.meta["mhc"] = {"site": self.site.index, "module_path": self.site.module_path, "role": role}
+        if "checkpoint_call" in self.site.output.meta:  # the site's block runs checkpointed: so do its mHC ops
+            node.meta["checkpoint_call"] = self.site.output.meta["checkpoint_call"]
         if self.stack is not None:
             node.meta["nn_module_stack"] = dict(self.stack)
 
