@@ -18,7 +18,7 @@ def _png_size(path):
 
 
 def test_graph_drawing_png_and_svg(tmp_path):
-    gm = mhc_rewrite.convert(ResidualMLP(depth=3))
+    gm = mhc_rewrite.converted_graph(mhc_rewrite.convert(ResidualMLP(depth=3)), torch.randn(4, 6))
     graph = block_graph(gm, "blocks.1")
     mhc_nodes = {name for name, is_mhc in graph.nodes(data="mhc") if is_mhc}
     assert {"mhc_blocks_1_coefficients", "mhc_blocks_1_pre_mix", "mhc_blocks_1_post_res_mix"} <= mhc_nodes

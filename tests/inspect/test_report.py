@@ -30,7 +30,7 @@ def test_report_of_a_converted_model_and_json():
     assert [s.rewritten for s in report.sites] == [False, True, False, True]
     data = json.loads(report.to_json())
     assert data["summary"] == {"sites": 4, "rewritten": 2, "chains": 2,
-                               "new_parameters": sum(p.numel() for p in gm.mhc.parameters())}
+                               "new_parameters": sum(p.numel() for p in gm.model.mhc.parameters())}
     assert data["sites"][0]["skip_reason"] == "excluded by filter_fn"
     assert "filter_fn" not in data["config"]
     with pytest.raises(TypeError, match="pass no n or options"):

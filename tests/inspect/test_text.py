@@ -1,5 +1,6 @@
 """Text views: the sites table and one block's code before and after."""
 
+import torch
 from torch import fx
 
 import mhc_rewrite
@@ -19,7 +20,9 @@ def test_sites_table_lists_every_site():
 def test_block_code_before_and_after():
     model = ResidualMLP(depth=2)
     before = block_code(fx.symbolic_trace(model), "blocks.1")
-    after = block_code(mhc_rewrite.convert(model), "blocks.1")
+    converted = mhc_rewrite.convert(model)
+    converted(torch.randn(4, 6))  # block_code reads the graph of the latest call
+    after = block_code(converted, "blocks.1")
     assert [line.split(" = ")[0] for line in before.splitlines()] == [
         "blocks_1_norm", "blocks_1_fc1", "gelu_1", "blocks_1_fc2", "add_1"]
     assert "add_1" not in after and "torch.ops.mhc.post_res_mix" in after

@@ -9,30 +9,34 @@ import mhc_rewrite
 from models import GPT, GPTConfig, PostNormNet, ResidualMLP, hf_gpt2, hf_llama
 
 
-def _count(gm, op):
-    return sum(node.target is op for node in gm.graph.nodes)
+def _count(graph, op):
+    return sum(node.target is op for node in graph.graph.nodes)
 
 
-def _structure(gm):
-    return (len(gm.mhc_sites), len({s.chain for s in gm.mhc_sites}),
-            _count(gm, torch.ops.mhc.expand_streams.default), _count(gm, torch.ops.mhc.reduce_streams.default))
+def _structure(converted, *inputs):
+    """Sites, chains, and the expands and reduces of the graph the converted model runs for ``inputs``."""
+    graph = mhc_rewrite.converted_graph(converted, *inputs)
+    return (len(converted.mhc_sites), len({s.chain for s in converted.mhc_sites}),
+            _count(graph, torch.ops.mhc.expand_streams.default), _count(graph, torch.ops.mhc.reduce_streams.default))
 
 
 @pytest.mark.parametrize("layers", [2, 3])
 def test_gpt_is_one_chain(layers):
-    gm = mhc_rewrite.convert(GPT(GPTConfig(n_layer=layers)), example_inputs=(torch.randint(0, 64, (2, 8)),))
-    assert _structure(gm) == (2 * layers, 1, 1, 1)
+    x = torch.randint(0, 64, (2, 8))
+    gm = mhc_rewrite.convert(GPT(GPTConfig(n_layer=layers)), example_inputs=(x,))
+    assert _structure(gm, x) == (2 * layers, 1, 1, 1)
 
 
 @pytest.mark.parametrize("build", [hf_llama, hf_gpt2])
 def test_hf_decoders_are_one_chain(build):
-    gm = mhc_rewrite.convert(build(n_layer=3), example_inputs=(torch.randint(0, 96, (1, 8)),))
-    assert _structure(gm) == (6, 1, 1, 1)
+    x = torch.randint(0, 96, (1, 8))
+    gm = mhc_rewrite.convert(build(n_layer=3), example_inputs=(x,))
+    assert _structure(gm, x) == (6, 1, 1, 1)
 
 
 def test_post_norm_breaks_the_chain_at_every_site():
     gm = mhc_rewrite.convert(PostNormNet(depth=3))
-    assert _structure(gm) == (3, 3, 3, 3)
+    assert _structure(gm, torch.randn(4, 16)) == (3, 3, 3, 3)
 
 
 def test_stream_read_mid_chain_gets_its_own_reduce():
@@ -50,7 +54,7 @@ def test_stream_read_mid_chain_gets_its_own_reduce():
     model = Taps()
     x = torch.randn(4, 8)
     gm = mhc_rewrite.convert(model)
-    assert _structure(gm) == (3, 1, 1, 2)
+    assert _structure(gm, x) == (3, 1, 1, 2)
     for got, want in zip(gm(x), model(x)):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -67,5 +71,6 @@ def test_fork_shares_one_expand():
     model = Fork()
     x = torch.randn(4, 8)
     gm = mhc_rewrite.convert(model)
-    assert len(gm.mhc_sites) == 2 and _count(gm, torch.ops.mhc.expand_streams.default) == 1
+    graph = mhc_rewrite.converted_graph(gm, x)
+    assert len(gm.mhc_sites) == 2 and _count(graph, torch.ops.mhc.expand_streams.default) == 1
     torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)
