@@ -31,6 +31,7 @@ from typing import Hashable, Optional
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import MHCConfig
 from .errors import MHCRewriteError
@@ -152,6 +153,11 @@ def _build(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModu
 
     state: RegionState = region.__dict__["_mhc_state"]
     start = time.perf_counter()
+    if any(isinstance(leaf, FakeTensor) for leaf in pytree.tree_leaves((args, kwargs))):
+        raise MHCRewriteError(
+            f"the converted {type(region).__name__} is being traced (torch.export?) for a call it has no graph for "
+            f"(train={region.training}); run the converted model once on real inputs of this kind first"
+        )
     gm = build_specialisation(region, args, kwargs)
     seconds = time.perf_counter() - start
     state.traces, state.trace_seconds = state.traces + 1, state.trace_seconds + seconds

@@ -175,8 +175,13 @@ def _symbolic_trace_call(model: nn.Module, args: tuple, kwargs: dict, recorder) 
         return None
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values.values()]
-    with _buffers_kept(gm):
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)  # placeholders follow the signature's order
+    try:
+        with _buffers_kept(gm):
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)  # placeholders: the signature's order
+    except Exception as exc:  # shapes are a help, not a requirement (as for the analysis trace)
+        log.warning("could not propagate shapes through the traced graph (%s); continuing without them", exc)
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
     gm.meta["mhc_call"] = "positional"  # call with every argument by position (fx renames specialised ones)
     return gm
 

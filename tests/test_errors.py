@@ -62,9 +62,18 @@ def test_untraceable_without_example_inputs_says_what_to_pass():
     assert "Pass example_inputs=" in message
 
 
-def test_untraceable_with_bad_example_inputs_names_both_failures():
+def test_bad_example_inputs_carry_the_models_own_message():
+    model, bad = Untraceable(), torch.ones(2, 3)  # positive sum: reaches fc, whose width is wrong
+    with pytest.raises(RuntimeError) as direct:
+        model(bad)
+    with pytest.raises(MHCRewriteError) as info:
+        mhc_rewrite.convert(model, example_inputs=(bad,))
+    assert str(direct.value) in str(info.value) and "cannot run the example inputs" in str(info.value)
+
+
+def test_untraceable_with_good_example_inputs_names_both_failures():
     with pytest.raises(TraceError) as info:
-        mhc_rewrite.convert(Untraceable(), example_inputs=(torch.randn(2, 3),))  # wrong width for fc
+        mhc_rewrite.convert(Untraceable(), example_inputs=(torch.randn(2, 4),))  # data-dependent branch
     message = str(info.value)
     assert "torch.fx.symbolic_trace failed" in message and "torch.export (non-strict)" in message
     assert "model(*example_inputs)" in message
