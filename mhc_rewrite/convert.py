@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import logging
 import warnings
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -176,11 +177,22 @@ def _same(tensor):
     return tensor
 
 
+@contextmanager
+def _no_autocast():
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
 def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """Trace the region's original forward for this call and rewrite it with the region's mHC parameters."""
     state: RegionState = region.__dict__["_mhc_state"]
-    # the caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors
-    with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), \
+    # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
+    # the caller's autocast applies when the graph runs, not while it is traced.
+    with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), _no_autocast(), \
             record_checkpoints(region) as recorder:
         gm = trace_call(region, args, kwargs, recorder=recorder)
     tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})

@@ -10,6 +10,7 @@ from torch import fx
 from torch.nn import functional as F
 
 import mhc_rewrite
+from mhc_rewrite.region import region_call
 
 from models import GPT, GPTConfig, hf_llama
 
@@ -66,8 +67,9 @@ def test_low_precision_training_stays_finite(dtype, how):
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses)
-    recorder = _CoefficientDtypes(gm)
-    recorder.dtypes = set()
     with torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"), torch.no_grad():
-        recorder.run(idx[:, :-1])
+        _, graph, inputs = region_call(gm, (idx[:, :-1],), {})
+        recorder = _CoefficientDtypes(graph)
+        recorder.dtypes = set()
+        recorder.run(*inputs)
     assert recorder.dtypes == {torch.float32}  # H_pre, H_post, H_res are float32 whatever the stream dtype
