@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
-from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
+from mhc_rewrite.passes import find_residual_sites, group_chains, lower_fused, rewrite_mhc
 from mhc_rewrite.passes.rewrite_mhc import param_keys
 from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
 
@@ -212,6 +212,8 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
     _run("group_chains", group_chains, gm)
     _run("rewrite_mhc", rewrite_mhc, gm, state.config)
     del gm.meta["mhc_sites"]
+    if state.lowered:
+        lower_fused(gm)
     if units:  # checkpointed layers stay checkpointed, their mHC ops with them
         gm = checkpoint_units(gm, units)
     if state.path:  # module paths as in the whole model, for the inspect views

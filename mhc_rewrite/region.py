@@ -26,12 +26,13 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Hashable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.passes.infra.pass_base import PassResult
 
 from .config import MHCConfig
 from .errors import MHCRewriteError
@@ -50,6 +51,7 @@ class RegionState:
     traces: int = 0
     trace_seconds: float = 0.0
     last: Optional[fx.GraphModule] = None  # the graph of the latest call, for the inspect views
+    lowered: bool = False  # fused Triton ops instead of the reference ops (passes/lower_fused.py)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -247,6 +249,16 @@ def shallow_clone(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
         current._modules[name] = child
         current = child
     return root, current
+
+
+def lower_region(model: nn.Module, lower: Callable) -> PassResult:
+    """Apply the graph pass ``lower`` to every graph of ``model``'s region, and to every later one."""
+    state: RegionState = region_of(model).__dict__["_mhc_state"]
+    state.lowered = True
+    for entries in state.graphs.values():
+        for _, gm in entries:
+            lower(gm)
+    return PassResult(model, True)
 
 
 def find_region(model: nn.Module) -> Optional["ConvertedRegion"]:

@@ -99,12 +99,13 @@ def test_random_residual_models(kinds, width, lead, n, dynamic, seed):
     rewritten_blocks = sorted(int(s.module_path.split(".")[1]) for s in gm.mhc_sites)
     assert rewritten_blocks == expected
     assert [s.num_branches for s in gm.mhc_sites] == [2 if kinds[i] == "parallel" else 1 for i in expected]
+    graph = mhc_rewrite.converted_graph(gm, x, mask)
     adds_left = sum(node.op == "call_function" and "add" in str(node.target) and "mhc" not in node.meta
-                    for node in gm.graph.nodes)  # the rewrite's own branch sums carry meta["mhc"]
+                    for node in graph.graph.nodes)  # the rewrite's own branch sums carry meta["mhc"]
     adds_kept = sum(kind in ("bias_add", "two_branches", "param_free") for kind in kinds)
     assert adds_left == adds_kept
     # (3) every rewritten site is listed, with its own parameters
-    mixes = [node for node in gm.graph.nodes if node.target is torch.ops.mhc.post_res_mix.default]
+    mixes = [node for node in graph.graph.nodes if node.target is torch.ops.mhc.post_res_mix.default]
     assert len(mixes) == len(gm.mhc_sites)
     assert len({s.param_name for s in gm.mhc_sites}) == len(gm.mhc_sites)
     assert {f"mhc.{key}" for key in gm.mhc} == {s.param_name for s in gm.mhc_sites}

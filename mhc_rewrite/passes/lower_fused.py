@@ -37,11 +37,15 @@ def lower_fused(gm: fx.GraphModule) -> PassResult:
     """Replace the reference mHC ops of ``gm`` with the fused ones, in place.
 
     Args:
-        gm: a graph module holding ``torch.ops.mhc`` reference ops (from :func:`mhc_rewrite.convert`, or the
-            Dynamo graph of a converted model).
+        gm: a graph module holding ``torch.ops.mhc`` reference ops (the Dynamo graph of a converted model), or a
+            converted model: then every graph its region runs, now and for later specialisations, is lowered.
     Returns:
         ``PassResult(gm, modified)``.
     """
+    if not isinstance(gm, fx.GraphModule):
+        from mhc_rewrite.region import lower_region  # the region module imports the passes
+
+        return lower_region(gm, lower_fused)
     graph, modified = gm.graph, False
     for node in list(graph.nodes):
         if _is(node, mhc.coefficients) and node.args[0] is not None:
