@@ -24,6 +24,8 @@ from torch import fx, nn
 from .config import MHCConfig
 from .convert import convert
 from .errors import MHCRewriteError
+from .region import region_call
+from .trace import split_example_inputs
 from .passes import lower_fused
 
 
@@ -72,7 +74,10 @@ def compile(
 ) -> nn.Module:
     """Convert ``model`` to mHC, then ``torch.compile`` it with the ``mhc`` backend.
 
-    The new parameters belong to the returned module: pass ``compiled.parameters()`` to the optimizer.
+    The new parameters belong to the returned module: pass ``compiled.parameters()`` to the optimizer. With
+    ``example_inputs``, the converted region's graph for the current mode is traced before compiling; a call in
+    another mode (``.eval()``) traces its graph on first use, which Dynamo sees as a graph break (an error under
+    ``fullgraph=True``: call :func:`mhc_rewrite.converted_graph` with inputs in that mode first).
 
     Args:
         model, n, example_inputs, config, **options: as for :func:`mhc_rewrite.convert`.
@@ -85,4 +90,7 @@ def compile(
         >>> opt = torch.optim.AdamW(model.parameters())
     """
     converted = convert(model, n, example_inputs=example_inputs, config=config, **options)
+    if example_inputs is not None and converted is not model:
+        args, kwargs = split_example_inputs(example_inputs)
+        region_call(converted, args, kwargs)  # trace this mode's graph now: a trace inside Dynamo is a graph break
     return torch.compile(converted, backend="mhc", **(compile_options or {}))

@@ -35,6 +35,7 @@ def test_converted_model_compiles_fullgraph_and_matches_eager():
         for p in gm.mhc.parameters():
             p.add_(0.1 * torch.randn_like(p))
     eager = copy.deepcopy(gm)
+    mhc_rewrite.converted_graph(gm, idx)  # the region's graph for this call exists: no trace inside Dynamo
     counter = CompileCounterWithBackend("mhc")
     compiled = torch.compile(gm, backend=counter, fullgraph=True)
     out = compiled(idx)
