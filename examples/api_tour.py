@@ -32,10 +32,11 @@ def main():
     # 2. convert, with options
     config = mhc_rewrite.MHCConfig(n=4, dynamic=True, mode="mhc", init="identity",
                                    filter_fn=lambda site: site.has_params)
-    converted = mhc_rewrite.convert(model, config=config)
+    converted = mhc_rewrite.convert(model, config=config)  # still a GPT: same class, parameters shared
     print("\n" + str(mhc_rewrite.explain(converted)).splitlines()[0])
     print("\nblock h.0 after the rewrite (first lines):")
-    print("\n".join(block_code(converted, "h.0").splitlines()[:6]))
+    graph = mhc_rewrite.converted_graph(converted, idx[:, :-1])  # the graph it runs for such inputs, this mode
+    print("\n".join(block_code(graph, "h.0").splitlines()[:6]))
 
     # 3. train a few steps, storing only every few streams for backward
     opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)

@@ -2,20 +2,20 @@
 
     python examples/convert_llama.py [--layers 4] [--n 4] [--steps 20]
 
-Prints the residual sites found, the code of one decoder layer before and after the rewrite, the error of
-the converted model against the original at init (fp32), and a few training steps of the converted model.
+The model is built as users load one (default config: key-value cache on). Prints the residual sites found,
+the code of one decoder layer before and after the rewrite, the error of the converted model against the
+original at init (fp32), greedy generation from both, and a few training steps with ``labels=``.
 """
 
 import argparse
 import time
 
 import torch
-from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mhc_rewrite
 from mhc_rewrite.inspect import block_code, sites_table
-from mhc_rewrite.trace import trace
+from mhc_rewrite.convert import trace_unconverted
 
 
 def main():
@@ -27,7 +27,7 @@ def main():
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, use_cache=False)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 32))
     print(f"Llama from config: {args.layers} layers, hidden {config.hidden_size}, "
@@ -36,26 +36,32 @@ def main():
     start = time.perf_counter()
     converted = mhc_rewrite.convert(model, n=args.n, example_inputs=(ids,))
     seconds = time.perf_counter() - start
-    added = sum(p.numel() for name, p in converted.named_parameters() if name.startswith("mhc."))
-    print(f"converted in {seconds:.2f} s: {len(converted.mhc_sites)} sites, {added:,} new mHC parameters\n")
+    added = sum(p.numel() for name, p in converted.named_parameters() if ".mhc." in name)
+    print(f"converted in {seconds:.2f} s: {len(converted.mhc_sites)} sites, {added:,} new mHC parameters; "
+          f"still a {type(converted).__name__}, its {type(converted.model).__name__} now runs mHC\n")
     print(sites_table(converted.mhc_sites + converted.mhc_skipped))
 
     print("\n=== model.layers.0, before (torch.export graph) ===")
-    print(block_code(trace(model, (ids,)), "model.layers.0"))
+    print(block_code(trace_unconverted(model, (ids,)), "model.layers.0"))
     print("\n=== model.layers.0, after ===")
-    print(block_code(converted, "model.layers.0"))
+    print(block_code(mhc_rewrite.converted_graph(converted, ids), "model.layers.0"))
 
     with torch.no_grad():
         want, got = model(ids).logits, converted(ids).logits
     err = (got - want).abs().max().item()
     print(f"\nmax |converted - original| at init: {err:.3e} (relative {err / want.abs().max().item():.3e})")
+    prompt = ids[:1, :8]
+    same = torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False),
+                       converted.generate(prompt, max_new_tokens=8, do_sample=False))
+    print(f"greedy generate(), 8 new tokens: {'the same tokens as the original' if same else 'DIFFERENT tokens'}")
 
     if args.steps:
         print(f"\ntraining the converted model for {args.steps} steps on counting sequences:")
+        converted.train()
         opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)
         for step in range(args.steps):
             seq = (torch.randint(0, config.vocab_size, (8, 1)) + torch.arange(33)) % config.vocab_size
-            loss = F.cross_entropy(converted(seq[:, :-1]).logits.flatten(0, 1), seq[:, 1:].flatten())
+            loss = converted(input_ids=seq, labels=seq).loss  # the model's own loss, as with Trainer
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -37,7 +37,7 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def _any_size(value):
     """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary."""
     if isinstance(value, torch.Tensor):
-        return {dim: torch.export.Dim.AUTO for dim in range(value.dim())}
+        return {dim: torch.export.Dim.AUTO for dim in range(value.dim()) if value.shape[dim] != 1}  # 1 stays 1
     return None
 
 
