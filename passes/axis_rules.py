@@ -111,7 +111,7 @@ METHOD_KINDS = {
                                     "reshape_as")},
     **{name: "not_a_tensor" for name in ("size", "dim", "numel", "stride", "item", "tolist")},
 }
-_SIZE_CHANGING = {"same_rank", "getitem"}  # without shapes, the axis's size is unknown after these
+_SIZE_CHANGING = {"same_rank"}  # without shapes, the axis's size is unknown after these (cat, split, slice)
 
 
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -252,6 +252,8 @@ def _getitem(node, src, dim, rank, in_shape, out_shape):
         if position == dim:
             if not isinstance(item, slice):
                 return Lost(f"`{node.name}` selects one index of the axis")
+            if item != slice(None) and out_shape is None:
+                return Lost(f"`{node.name}` slices the axis: its size needs shapes (pass example_inputs)")
             break
         out, position = out + isinstance(item, slice), position + 1
     return out, len(out_shape) if out_shape is not None else None

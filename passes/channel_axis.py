@@ -142,17 +142,23 @@ def _function_source(node: fx.Node, gm: fx.GraphModule, body: set, rank: Optiona
     if op_kind(node, gm) == "matmul" and len(node.args) >= 2:
         right, left = param_value(node.args[1], gm, body), param_value(node.args[0], gm, body)
         if right is not None and right.dim() >= 2:
-            return -1, right.shape[-1], rank, "matmul by a parameter"
+            return -1, right.shape[-1], rank, f"matmul by parameter `{_param_name(node.args[1])}`"
         if left is not None and left.dim() >= 2:
-            return -2, left.shape[-2], rank, "matmul by a parameter"
+            return -2, left.shape[-2], rank, f"matmul by parameter `{_param_name(node.args[0])}`"
     if node.target in SCALES:
         for arg in node.args[:2]:
             value = param_value(arg, gm, body)
             wide = [i for i, size in enumerate(value.shape) if size != 1] if value is not None else []
             if len(wide) == 1:  # a per-channel scale or shift (layer scale)
-                what = f"{_op_name(node)} by a parameter {list(value.shape)}"
+                what = f"{_op_name(node)} by parameter `{_param_name(arg)}` {list(value.shape)}"
                 return wide[0] - value.dim(), value.shape[wide[0]], rank, what
     return None
+
+
+def _param_name(arg: fx.Node) -> str:
+    while arg.op not in ("get_attr", "placeholder") and arg.all_input_nodes:
+        arg = arg.all_input_nodes[0]
+    return str(arg.target)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -191,7 +197,7 @@ def source_axis(node: fx.Node, gm: fx.GraphModule, body: set) -> Optional[Axis]:
             size = shape[dim]
     last = dim == -1 or (rank is not None and dim == rank - 1)
     axis = "its last axis" if last else f"axis {dim}"
-    origin = f"{what or _op_name(node)} `{_where(node)}` maps over {axis}"
+    origin = f"{what or f'{_op_name(node)} `{_where(node)}`'} maps over {axis}"
     return Axis(dim, rank, size, origin)
 
 
@@ -245,9 +251,10 @@ def locate_channel_axis(site: ResidualSite, gm: fx.GraphModule) -> None:
     dim = final.dim % rank if rank is not None else final.dim
     size = shape[dim] if shape is not None else final.size
     path = f"; followed through {', '.join(final.via)}" if final.via else ""
-    if size is None or not is_concrete_int(size):
-        return _undecided(site, f"{final.origin}{path}, but the size of that axis is not static ({size}): "
-                                "pass example_inputs that fix it")
+    if size is None:
+        return _undecided(site, f"{final.origin}{path}, but its size is unknown without shapes: pass example_inputs")
+    if not is_concrete_int(size):
+        return _undecided(site, f"{final.origin}{path}, but that axis of the stream has a dynamic size ({size})")
     site.channel_dim = -1 if rank is not None and dim == rank - 1 else dim
     site.channels = int(size)
     stream = f"axis {dim} of the stream {list(shape)}" if shape is not None else f"axis {site.channel_dim}"
