@@ -209,8 +209,8 @@ def _combine(states: list[State], where: str) -> State:
     axes = [s for s in states if isinstance(s, Axis)]
     for other in axes[1:]:
         if not axes[0].same_place(other):
-            return Lost(f"{where} gets axis {axes[0].dim} from {axes[0].origin} and axis {other.dim} from "
-                        f"{other.origin}", conflict=True)
+            return Lost(f"{where} gets axis {axes[0].dim} ({axes[0].origin}) and axis {other.dim} ({other.origin})",
+                        conflict=True)
     if axes:
         return axes[0]
     return next((s for s in states if isinstance(s, Lost)), None)
