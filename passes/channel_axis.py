@@ -39,15 +39,16 @@ for _kind, _position, _targets in (
     ("conv", 1, {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
                  torch.conv_transpose3d}
      | resolve_aten("conv1d.default", "conv2d.default", "conv3d.default", "convolution.default",
-                "conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input")),
+                    "conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input")),
     ("channel_norm", 2, {F.group_norm} | resolve_aten("group_norm.default")),
     ("channel_norm", 3, {F.batch_norm, F.instance_norm}),
     ("channel_norm", 1, resolve_aten("native_group_norm.default", "batch_norm.default", "instance_norm.default",
-                                 "native_batch_norm.default", "_native_batch_norm_legit.default",
-                                 "_native_batch_norm_legit.no_stats", "_native_batch_norm_legit_no_training.default",
-                                 "_native_batch_norm_legit_functional.default")),
-    ("last_norm", 2, {F.layer_norm, F.rms_norm} | resolve_aten("layer_norm.default", "native_layer_norm.default",
-                                                          "rms_norm.default")),
+                                     "native_batch_norm.default", "_native_batch_norm_legit.default",
+                                     "_native_batch_norm_legit.no_stats",
+                                     "_native_batch_norm_legit_no_training.default",
+                                     "_native_batch_norm_legit_functional.default")),
+    ("last_norm", 2, {F.layer_norm, F.rms_norm}
+     | resolve_aten("layer_norm.default", "native_layer_norm.default", "rms_norm.default")),
     ("addmm", 2, {torch.addmm} | resolve_aten("addmm.default")),
     ("prelu", 1, {F.prelu} | resolve_aten("prelu.default", "_prelu_kernel.default")),
 ):
@@ -247,6 +248,9 @@ def locate_channel_axis(site: ResidualSite, gm: fx.GraphModule) -> None:
     if isinstance(final, Lost):
         return _undecided(site, final.reason)
     shape = shape_of(site.stream)
+    if shape is not None and final.rank is not None and final.rank != len(shape):
+        return _undecided(site, f"{final.origin}, but the branch's output has {final.rank} axes and the stream "
+                                f"{len(shape)}")
     rank = len(shape) if shape is not None else final.rank
     dim = final.dim % rank if rank is not None else final.dim
     size = shape[dim] if shape is not None else final.size
