@@ -192,6 +192,168 @@ class ResNetish(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+# --- channel-first and mixed layouts: the channel axis is found from what each branch computes --------------
+
+
+class ResBlock2d(nn.Module):
+    """Diffusion U-Net residual block: GroupNorm, SiLU, conv, plus a projected timestep embedding (a side input)."""
+
+    def __init__(self, channels: int, time_dim: int, groups: int = 4):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, channels)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, temb):  # x: (B, C, H, W), temb: (B, time_dim)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over the pixels
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class AttnBlock2d(nn.Module):
+    """Self-attention over the pixels of a feature map, as in diffusion U-Nets: no convolution in the branch."""
+
+    def __init__(self, channels: int, n_head: int = 2, groups: int = 4):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        self.n_head = n_head
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C): one token per pixel
+        q, k, v = self.qkv(h).split(C, dim=2)
+        q, k, v = (t.view(B, H * W, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B,nh,HW,hs)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        return x + self.proj(y).transpose(1, 2).reshape(B, C, H, W)  # back to (B, C, H, W)
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3
+    channels: tuple = (8, 20)  # per resolution; the attention runs at the second, on (B, 20, H/2, W/2)
+    time_dim: int = 16
+
+
+class UNetish(nn.Module):
+    """A two-level diffusion U-Net: ResBlock, downsample, ResBlock + attention + ResBlock, upsample, skip concat."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        c0, c1 = config.channels
+        self.time_dim = config.time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, config.time_dim), nn.SiLU())
+        self.stem = nn.Conv2d(config.in_channels, c0, 3, padding=1)
+        self.down_res = ResBlock2d(c0, config.time_dim)
+        self.down = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
+        self.mid_res1 = ResBlock2d(c1, config.time_dim)
+        self.mid_attn = AttnBlock2d(c1)
+        self.mid_res2 = ResBlock2d(c1, config.time_dim)
+        self.up = nn.ConvTranspose2d(c1, c0, 2, stride=2)
+        self.merge = nn.Conv2d(2 * c0, c0, 1)  # after concatenating the skip connection
+        self.up_res = ResBlock2d(c0, config.time_dim)
+        self.out = nn.Conv2d(c0, config.in_channels, 3, padding=1)
+
+    def forward(self, x, t):  # x: (B, 3, H, W), t: (B,) diffusion times
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(self.time_dim // 2, device=x.device) / (self.time_dim // 2))
+        args = t[:, None].float() * freqs[None]
+        temb = self.time_mlp(torch.cat([args.sin(), args.cos()], dim=-1))  # (B, time_dim)
+        skip = self.down_res(self.stem(x), temb)  # (B, c0, H, W)
+        h = self.mid_res1(self.down(skip), temb)  # (B, c1, H/2, W/2)
+        h = self.mid_res2(self.mid_attn(h), temb)
+        h = self.merge(torch.cat([self.up(h), skip], dim=1))  # (B, c0, H, W)
+        return self.out(self.up_res(h, temb))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise conv on (B, C, H, W), then LayerNorm and an MLP on channel-last pixels, layer scale."""
+
+    def __init__(self, channels: int, layer_scale: float = 0.1):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.pwconv1 = nn.Linear(channels, 4 * channels)
+        self.pwconv2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(layer_scale * torch.ones(channels))
+
+    def forward(self, x):  # (B, C, H, W)
+        h = self.dwconv(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        h = self.gamma * self.pwconv2(F.gelu(self.pwconv1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self, channels: int = 16, depth: int = 2, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 2, stride=2)  # patchify
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(channels) for _ in range(depth)])
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x):  # (B, 3, H, W)
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int, n_head: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, n_head, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):  # (B, T, C)
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTish(nn.Module):
+    """Vision transformer: patches of (B, 3, H, W) become tokens (B, T, C), then pre-norm blocks."""
+
+    def __init__(self, dim: int = 24, patch: int = 4, tokens: int = 6, depth: int = 2, classes: int = 5):
+        super().__init__()
+        self.patchify = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, n_head=2) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # (B, 3, H, W) with (H / patch) * (W / patch) == tokens
+        x = self.patchify(x).flatten(2).transpose(1, 2) + self.pos  # (B, T, C)
+        return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+
+class AudioBlock(nn.Module):
+    """A 1-D audio encoder block on (B, C, T): a dilated conv over time, then an MLP over the channels."""
+
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, channels)
+        self.conv = nn.Conv1d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.ln = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, 2 * channels)
+        self.fc2 = nn.Linear(2 * channels, channels)
+
+    def forward(self, x):  # (B, C, T)
+        x = x + self.conv(F.gelu(self.norm(x)))
+        h = self.fc2(F.gelu(self.fc1(self.ln(x.transpose(1, 2)))))  # (B, T, C)
+        return x + h.transpose(1, 2)  # (B, C, T)
+
+
+class AudioNet(nn.Module):
+    def __init__(self, channels: int = 12, depth: int = 2, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv1d(1, channels, 4, stride=4)  # waveform (B, 1, 4T) -> (B, C, T)
+        self.blocks = nn.Sequential(*[AudioBlock(channels, dilation=2**i) for i in range(depth)])
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, wave):  # (B, 1, L)
+        return self.head(self.blocks(self.stem(wave)).mean(dim=-1))
+
+
 def hf_gpt2(n_layer: int = 2, n_embd: int = 32):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import mhc_rewrite
 from mhc_rewrite import MHCConfig, MHCRewriteError, TraceError
@@ -97,21 +97,22 @@ def test_converting_twice_is_refused():
         mhc_rewrite.convert(gm)
 
 
-def test_unknown_stream_width_asks_for_example_inputs():
+def test_an_axis_that_needs_shapes_asks_for_example_inputs():
     class Functional(nn.Module):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.randn(4, 4))
 
-        def forward(self, x):
-            return x + torch.tanh(x @ self.w)  # no module to read the width from
+        def forward(self, x):  # (B, T, 4)
+            return x + torch.tanh(x.flatten(0, 1) @ self.w).view(x.shape)  # a reshape after the parameterised op
 
-    with pytest.raises(MHCRewriteError, match="pass example_inputs to convert"):
-        mhc_rewrite.convert(Functional())
+    with pytest.warns(UserWarning, match=r"channel axis not decided: .*pass example_inputs"):
+        unchanged = mhc_rewrite.convert(Functional())  # without shapes the reshape cannot be followed
+    assert not isinstance(unchanged, fx.GraphModule)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gm = mhc_rewrite.convert(Functional(), example_inputs=(torch.randn(3, 4),))
-    assert gm.mhc_sites[0].channels == 4
+        gm = mhc_rewrite.convert(Functional(), example_inputs=(torch.randn(2, 3, 4),))
+    assert (gm.mhc_sites[0].channel_dim, gm.mhc_sites[0].channels) == (-1, 4)
 
 
 def test_a_failing_pass_is_named():

@@ -10,17 +10,24 @@ from ..passes.sites import SiteInfo
 from ..region import converted_graph
 
 
+def _status(site: SiteInfo) -> str:
+    if not site.rewritten:
+        return f"skipped: {site.skip_reason}"
+    return f"rewritten ({site.chain_break})" if site.chain_break else "rewritten"
+
+
 def sites_table(sites: Iterable[SiteInfo]) -> str:
-    """A fixed-width table of sites: index, module path, chain, branch ops, branches, width, status.
+    """A fixed-width table of sites: index, module path, chain, branch ops, branches, width C and its axis, status.
 
     Example:
         >>> print(sites_table(mhc_rewrite.find_residuals(model)))
     """
-    header = ("#", "module path", "chain", "ops", "branches", "C", "status")
+    header = ("#", "module path", "chain", "ops", "branches", "C", "axis", "status")
     rows = [header] + [
         (str(s.index), s.module_path or "<root>", "-" if s.chain is None else str(s.chain), str(s.branch_size),
          str(s.num_branches), "?" if s.channels is None else str(s.channels),
-         "rewritten" if s.rewritten else f"skipped: {s.skip_reason}")
+         "?" if s.channel_dim is None else str(s.channel_dim),
+         _status(s))
         for s in sites
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]

@@ -19,14 +19,12 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .channel_axis import locate_channel_axis
 from .noop import noop_sources
 from .sites import ResidualSite
 
 aten = torch.ops.aten
 _ADDS = {operator.add, torch.add, aten.add.Tensor}
-_CONVS = {aten.convolution.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-          torch.conv1d, torch.conv2d, torch.conv3d,
-          nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d}
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -97,37 +95,6 @@ def _site_module_path(add: fx.Node, body: list[fx.Node], out: fx.Node, all_paths
     return scope[-1] if scope else ""
 
 
-def _is_conv(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd)
-    return node.op == "call_function" and node.target in _CONVS
-
-
-def _width_from_modules(body: list[fx.Node], gm: fx.GraphModule) -> Optional[int]:
-    """C from the last parameterised module of the branch, for graphs traced without example inputs."""
-    for node in reversed(body):
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        for attr in ("out_features", "out_channels", "num_features", "num_channels", "embedding_dim"):
-            if isinstance(getattr(module, attr, None), int):
-                return getattr(module, attr)
-        if isinstance(module, nn.LayerNorm | nn.RMSNorm) and module.normalized_shape:
-            return module.normalized_shape[-1]
-    return None
-
-
-def _locate_channels(site: ResidualSite, gm: fx.GraphModule) -> None:
-    conv = any(_is_conv(node, gm) for node in site.body)
-    val = site.stream.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        site.channel_dim = 1 if conv and val.dim() >= 3 else -1
-        site.channels = int(val.shape[site.channel_dim])
-    else:
-        site.channel_dim = 1 if conv else -1
-        site.channels = _width_from_modules(site.body, gm)
-
-
 def _same_shapes(*nodes: fx.Node) -> bool:
     vals = [node.meta.get("val") for node in nodes]
     if not all(isinstance(v, torch.Tensor) for v in vals):
@@ -184,11 +151,13 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
                 by_output[add] = site
                 break
     for site in sites:
-        _locate_channels(site, gm)
+        locate_channel_axis(site, gm)
         if filter_fn is not None and not filter_fn(site):
             site.rewrite, site.skip_reason = False, "excluded by filter_fn"
         elif filter_fn is None and not site.has_params:
             site.rewrite, site.skip_reason = False, "branch has no parameterised op"
+        elif site.channel_dim is None:  # never guessed: see channel_axis.py
+            site.rewrite, site.skip_reason = False, f"channel axis not decided: {site.channel_reason}"
     # A residual around a block that has residuals inside: the inner ones are rewritten, the outer one is not.
     inner_adds = {add: site for site in sites if site.rewrite for add in site.add_nodes}
     for site in sites:

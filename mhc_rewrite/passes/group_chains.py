@@ -8,11 +8,15 @@ Sets ``site.chain`` and ``site.prev``; skipped sites get no chain. The graph is 
 
 from __future__ import annotations
 
+import logging
+
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .noop import noop_sources
 from .sites import ResidualSite
+
+log = logging.getLogger(__name__)
 
 
 def group_chains(gm: fx.GraphModule) -> PassResult:
@@ -30,8 +34,14 @@ def group_chains(gm: fx.GraphModule) -> PassResult:
         if not site.rewrite:
             continue
         site.prev = next((by_output[src] for src in noop_sources(site.stream, gm) if src in by_output), None)
-        if site.prev is not None and site.prev.channel_dim != site.channel_dim:
-            site.prev = None  # the layout changes between the two sites: start a new stream
+        prev = site.prev
+        if prev is not None and (prev.channel_dim, prev.channels) != (site.channel_dim, site.channels):
+            # one chain holds one n-stream tensor, so one layout: say why the stream starts again here
+            site.chain_break = (f"new chain: its stream continues site {prev.index} ({prev.module_path or '<root>'}), "
+                                f"whose branch maps over axis {prev.channel_dim} (C={prev.channels}), but this "
+                                f"branch maps over axis {site.channel_dim} (C={site.channels})")
+            log.warning("%s: %s", site.module_path or "<root>", site.chain_break)
+            site.prev = None
         if site.prev is None:
             site.chain, chains = chains, chains + 1
         else:

@@ -141,7 +141,7 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
     if not hasattr(gm, "mhc"):
         gm.add_submodule("mhc", nn.ModuleDict())
     stream_out: dict[ResidualSite, fx.Node] = {}  # site -> its n-stream output
-    expanded: dict[fx.Node, fx.Node] = {}  # chain-head stream -> its n-stream tensor
+    expanded: dict[tuple, fx.Node] = {}  # (chain-head stream, channel axis) -> its n-stream tensor
     reduced: dict[fx.Node, fx.Node] = {}  # erased site output -> the reduce that replaced it
     keys = param_keys(gm.meta["mhc_sites"])
     for site in sites:
@@ -154,12 +154,12 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
         stream = reduced.get(site.stream, site.stream)
         if site.prev is not None:
             streams = stream_out[site.prev]
-        elif stream in expanded:
-            streams = expanded[stream]
+        elif (stream, site.channel_dim) in expanded:
+            streams = expanded[stream, site.channel_dim]
         else:
             with graph.inserting_before(_after(stream)):
-                streams = expanded[stream] = make("expand", mhc.expand_streams.default,
-                                                  make.to_channel_last(stream), config.n)
+                streams = expanded[stream, site.channel_dim] = make("expand", mhc.expand_streams.default,
+                                                                    make.to_channel_last(stream), config.n)
 
         key = keys[site]
         if key in gm.mhc:  # parameters registered before this trace (a converted model's region): reuse them

@@ -20,10 +20,14 @@ class ResidualSite:
         branch_outputs: ``f(x)`` (and ``g(x)``, ... for parallel branches).
         body: the branch's nodes: descendants of ``stream`` that ``branch_outputs`` depend on.
         has_params: the branch holds an op with an ``nn.Parameter``.
-        channel_dim: the stream's channel dimension (last for tokens, 1 for channel-first convs).
-        channels: C at the channel dimension, when known.
+        channel_dim: the stream's channel axis: the axis the branch's last parameterised op maps over, followed
+            to the add (``channel_axis``); -1 when it is the last axis; None when it cannot be decided.
+        channels: C, the stream's size on that axis.
+        channel_reason: how the axis was decided (the op, the moves it was followed through), or why it was not.
         chain: the chain (residual stream) the site belongs to; set by ``group_chains``.
         prev: the site whose output this site's stream is; set by ``group_chains``.
+        chain_break: why the site starts a new chain although its stream is an earlier site's output (the two
+            map over different axes, and one chain holds one layout); set by ``group_chains``.
         rewrite: whether the rewrite pass converts it; ``skip_reason`` says why not.
     """
 
@@ -36,8 +40,10 @@ class ResidualSite:
     has_params: bool
     channel_dim: Optional[int] = None
     channels: Optional[int] = None
+    channel_reason: str = ""
     chain: Optional[int] = None
     prev: Optional["ResidualSite"] = field(default=None, repr=False)
+    chain_break: str = ""
     rewrite: bool = True
     skip_reason: str = ""
     param_name: str = ""
@@ -59,15 +65,23 @@ class ResidualSite:
             branch_size=self.branch_size,
             num_branches=len(self.branch_outputs),
             channels=self.channels,
+            channel_dim=self.channel_dim,
             rewritten=self.rewrite,
             skip_reason=self.skip_reason,
             param_name=self.param_name,
+            channel_reason=self.channel_reason,
+            chain_break=self.chain_break,
         )
 
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """A residual site as users see it (``gm.mhc_sites``, ``find_residuals``): no graph references."""
+    """A residual site as users see it (``gm.mhc_sites``, ``find_residuals``): no graph references.
+
+    ``channels`` is C on the stream's axis ``channel_dim`` (-1: the last); ``channel_reason`` says how that axis was
+    decided, or why not (the site is then skipped); ``chain_break`` says why a site starts a new chain although it
+    continues an earlier site's stream.
+    """
 
     index: int
     module_path: str
@@ -75,6 +89,9 @@ class SiteInfo:
     branch_size: int
     num_branches: int
     channels: Optional[int]
+    channel_dim: Optional[int]
     rewritten: bool
     skip_reason: str = ""
     param_name: str = ""
+    channel_reason: str = ""
+    chain_break: str = ""

@@ -12,7 +12,7 @@ from models import ResidualMLP
 def test_sites_table_lists_every_site():
     table = sites_table(mhc_rewrite.find_residuals(ResidualMLP(depth=3)))
     lines = table.splitlines()
-    assert lines[0].split() == ["#", "module", "path", "chain", "ops", "branches", "C", "status"]
+    assert lines[0].split() == ["#", "module", "path", "chain", "ops", "branches", "C", "axis", "status"]
     assert [line.split()[1] for line in lines[2:]] == ["blocks.0", "blocks.1", "blocks.2"]
     assert all(line.endswith("rewritten") for line in lines[2:])
 
