@@ -12,7 +12,8 @@ from .diagnostics import StreamDiagnostics, amax_gain, composite_gains, stream_d
 from .report import Report, explain
 from .text import block_code, sites_table
 
-_DRAWING = ("draw_graph", "draw_block_pages", "block_names", "plot_h_res", "plot_gains", "block_graph")
+_DRAWING = ("draw_graph", "draw_block_pages", "block_figures", "block_names", "plot_h_res", "plot_gains",
+            "h_res_figure", "gains_figure", "block_graph")
 
 __all__ = ["Report", "StreamDiagnostics", "amax_gain", "block_code", "composite_gains", "explain", "sites_table",
            "stream_diagnostics", *_DRAWING]

@@ -10,7 +10,6 @@ its target, naming the number printed in the corner of its source.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch  # noqa: E402
 from torch import fx  # noqa: E402
 
@@ -129,11 +129,15 @@ def block_names(gm: fx.GraphModule) -> list[str]:
 
 @dataclass
 class _Layout:
-    rank: dict[str, int]
+    rank: dict[str, int]  # longest-path depth: every edge goes to a higher rank
+    row: dict[str, int]  # drawn row: a rank wider than a lane allows takes several rows
     column: dict[str, int]  # within its panel: original lane first, then the mHC lane
     panel: dict[str, int]
     panel_columns: list[int]
     rows_per_panel: int
+
+
+LANE_CAPACITY = (5, 3)  # boxes per row: original lane, mHC lane (8 x 1.8 in fits a 15 in page)
 
 
 def _layout(graph: nx.DiGraph, rows_per_panel: int) -> _Layout:
@@ -144,27 +148,28 @@ def _layout(graph: nx.DiGraph, rows_per_panel: int) -> _Layout:
     for name in reversed(list(nx.topological_sort(graph))):  # ops sink next to their first user; inputs stay on top
         if graph.succ[name] and graph.nodes[name]["kind"] != "io":
             rank[name] = min(rank[s] for s in graph.succ[name]) - 1
-    panel = {name: r // rows_per_panel for name, r in rank.items()}
-    panels = max(panel.values(), default=0) + 1
-    column, lane_width = {}, [[0, 0] for _ in range(panels)]
     by_rank: dict[int, list[str]] = {}
     for name in sorted(graph, key=lambda k: graph.nodes[k]["order"]):
         by_rank.setdefault(rank[name], []).append(name)
-    slots = {}
+    row, slot, next_row = {}, {}, 0
     for r, names in sorted(by_rank.items()):
+        used = 1
         for lane in (0, 1):
             members = [k for k in names if graph.nodes[k]["mhc"] == bool(lane)]
             # keep each node near its inputs (the mean slot of its predecessors), in graph order for ties
-            members.sort(key=lambda k: (sum(slots.get(p, 0) for p in graph.pred[k]) / max(1, len(graph.pred[k])),
+            members.sort(key=lambda k: (sum(slot.get(p, 0) for p in graph.pred[k]) / max(1, len(graph.pred[k])),
                                         graph.nodes[k]["order"]))
             for i, name in enumerate(members):
-                slots[name] = i
-            p = r // rows_per_panel
-            lane_width[p][lane] = max(lane_width[p][lane], len(members))
-    for name, slot in slots.items():
-        p = panel[name]
-        column[name] = slot + (lane_width[p][0] if graph.nodes[name]["mhc"] else 0)
-    return _Layout(rank, column, panel, [max(1, a + b) for a, b in lane_width], rows_per_panel)
+                slot[name], row[name] = i % LANE_CAPACITY[lane], next_row + i // LANE_CAPACITY[lane]
+            used = max(used, -(-len(members) // LANE_CAPACITY[lane]))
+        next_row += used
+    panel = {name: r // rows_per_panel for name, r in row.items()}
+    lane_width = [[0, 0] for _ in range(max(panel.values(), default=0) + 1)]
+    for name, i in slot.items():
+        lane = int(graph.nodes[name]["mhc"])
+        lane_width[panel[name]][lane] = max(lane_width[panel[name]][lane], i + 1)
+    column = {name: i + (lane_width[panel[name]][0] if graph.nodes[name]["mhc"] else 0) for name, i in slot.items()}
+    return _Layout(rank, row, column, panel, [max(1, a + b) for a, b in lane_width], rows_per_panel)
 
 
 def _pages(panel_columns: list[int], max_width: float) -> list[list[int]]:
@@ -179,8 +184,15 @@ def _pages(panel_columns: list[int], max_width: float) -> list[list[int]]:
     return pages + [current] if current else pages
 
 
-def _wrap(text: str, width: int = 18) -> str:
-    return "\n".join(textwrap.wrap(text.replace("_", "_\u200b"), width, break_on_hyphens=False)).replace("\u200b", "")
+def _wrap(text: str, width: int = 19) -> str:
+    """Wrap an op name at its underscores (``scaled_dot_product_`` / ``attention``), never cutting it off."""
+    parts = [p + "_" for p in text.split("_")[:-1]] + [text.split("_")[-1]]
+    lines = [""]
+    for part in parts:
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(line for line in lines if line)
 
 
 def draw_block_pages(gm: fx.GraphModule, path: str | Path, module_path: Optional[str] = None, dpi: int = 100,
@@ -197,21 +209,33 @@ def draw_block_pages(gm: fx.GraphModule, path: str | Path, module_path: Optional
     Returns:
         The files written, first page first.
     """
-    graph = block_graph(gm, module_path)
-    layout = _layout(graph, rows_per_panel)
-    number = {name: i for i, name in enumerate(sorted(graph, key=lambda k: (layout.rank[k], layout.column[k])))}
-    pages = _pages(layout.panel_columns, MAX_PAGE[0])
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for page_index, panels in enumerate(pages):
-        target = path if page_index == 0 else path.with_name(f"{path.stem}-{page_index + 1}{path.suffix}")
-        suffix = f" (page {page_index + 1} of {len(pages)})" if len(pages) > 1 else ""
-        written.append(_draw_page(graph, layout, number, panels, target, dpi, (title or "") + suffix))
+    for index, fig in enumerate(block_figures(gm, module_path, dpi, title, rows_per_panel)):
+        target = path if index == 0 else path.with_name(f"{path.stem}-{index + 1}{path.suffix}")
+        fig.savefig(target, dpi=dpi)
+        plt.close(fig)
+        written.append(target)
     return written
 
 
-def _draw_page(graph, layout: _Layout, number, panels: list[int], path: Path, dpi: int, title: str) -> Path:
-    rows = max(layout.rank.values(), default=0) + 1
+def block_figures(gm: fx.GraphModule, module_path: Optional[str] = None, dpi: int = 100,
+                  title: Optional[str] = None, rows_per_panel: int = 12) -> list[Figure]:
+    """The pages of :func:`draw_block_pages` as matplotlib figures (each at most :data:`MAX_PAGE` inches)."""
+    graph = block_graph(gm, module_path)
+    layout = _layout(graph, rows_per_panel)
+    number = {name: i for i, name in enumerate(sorted(graph, key=lambda k: (layout.row[k], layout.column[k])))}
+    pages = _pages(layout.panel_columns, MAX_PAGE[0])
+    figures = []
+    for page_index, panels in enumerate(pages):
+        suffix = f" (page {page_index + 1} of {len(pages)})" if len(pages) > 1 else ""
+        figures.append(_page_figure(graph, layout, number, panels, dpi, (title or "") + suffix))
+    return figures
+
+
+def _page_figure(graph, layout: _Layout, number, panels: list[int], dpi: int, title: str) -> Figure:
+    rows = max(layout.row.values(), default=0) + 1
     per_panel = layout.rows_per_panel
     rows_here = min(rows - panels[0] * per_panel, per_panel)
     origin, x = {}, 0.25
@@ -231,7 +255,7 @@ def _draw_page(graph, layout: _Layout, number, panels: list[int], path: Path, dp
     def centre(name):
         p = layout.panel[name]
         return (origin[p] + layout.column[name] * COL_PITCH + BOX_W / 2,
-                header + (layout.rank[name] - p * per_panel) * ROW_PITCH + BOX_H / 2)
+                header + (layout.row[name] - p * per_panel) * ROW_PITCH + BOX_H / 2)
 
     shown = {name for name in graph if layout.panel[name] in origin}
     for src, dst in graph.edges:
@@ -239,7 +263,7 @@ def _draw_page(graph, layout: _Layout, number, panels: list[int], path: Path, dp
             continue
         if src in shown and layout.panel[src] == layout.panel[dst]:
             (x0, y0), (x1, y1) = centre(src), centre(dst)
-            bend = 0.0 if layout.rank[dst] - layout.rank[src] == 1 else -0.25
+            bend = 0.0 if layout.row[dst] - layout.row[src] == 1 else -0.25
             ax.add_patch(FancyArrowPatch((x0, y0 + BOX_H / 2), (x1, y1 - BOX_H / 2), arrowstyle="-|>",
                                          mutation_scale=10, color="#555555", linewidth=1.0,
                                          connectionstyle=f"arc3,rad={bend}", zorder=1))
@@ -275,10 +299,7 @@ def _draw_page(graph, layout: _Layout, number, panels: list[int], path: Path, dp
     ax.text(0.25, 0.25, title, ha="left", va="center", fontsize=FONT_SIZE + 2, weight="bold")
     ax.text(width - 0.25, 0.25, "read down each panel, panels left to right;\n'from k': its input k is drawn in "
             "another panel", ha="right", va="center", fontsize=FONT_SIZE - 1, color="#555555")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def draw_graph(gm: fx.GraphModule, path: str | Path, module_path: Optional[str] = None, dpi: int = 100,

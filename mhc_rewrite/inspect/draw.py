@@ -5,7 +5,8 @@ Drawn with networkx and matplotlib (no system package needed). The file type fol
 cropping, so a PNG is exactly ``figsize * dpi`` pixels.
 """
 
-from .blocks import block_graph, block_names, draw_block_pages, draw_graph
-from .plots import plot_gains, plot_h_res
+from .blocks import block_figures, block_graph, block_names, draw_block_pages, draw_graph
+from .plots import gains_figure, h_res_figure, plot_gains, plot_h_res
 
-__all__ = ["block_graph", "block_names", "draw_block_pages", "draw_graph", "plot_gains", "plot_h_res"]
+__all__ = ["block_figures", "block_graph", "block_names", "draw_block_pages", "draw_graph", "gains_figure",
+           "h_res_figure", "plot_gains", "plot_h_res"]

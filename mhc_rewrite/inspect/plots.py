@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from .diagnostics import StreamDiagnostics  # noqa: E402
@@ -49,6 +50,16 @@ def _series(named: dict[str, StreamDiagnostics]) -> list[tuple[str, str, str, li
 
 def plot_gains(diagnostics: Diagnosed, path: str | Path, dpi: int = 100, figsize: tuple[float, float] = (7.5, 4.2),
                title: str = "Amax gain of the composite residual map") -> Path:
+    """Save :func:`gains_figure` to ``path`` (its extension picks the format); returns the path.
+
+    Example:
+        >>> plot_gains({"HC": stream_diagnostics(hc, x), "mHC": stream_diagnostics(mhc, x)}, "gains.png")
+    """
+    return _save(gains_figure(diagnostics, dpi, figsize, title), path, dpi)
+
+
+def gains_figure(diagnostics: Diagnosed, dpi: int = 100, figsize: tuple[float, float] = (7.5, 4.2),
+                 title: str = "Amax gain of the composite residual map") -> Figure:
     """Forward and backward Amax gain of the composite residual map against depth.
 
     A line whose gain is 1 within :data:`FLAT_TOLERANCE` at every depth is drawn flat at 1 and labelled so
@@ -58,14 +69,10 @@ def plot_gains(diagnostics: Diagnosed, path: str | Path, dpi: int = 100, figsize
     Args:
         diagnostics: one :class:`StreamDiagnostics`, or several by name to compare them on one chart,
             e.g. ``{"HC": diag_hc, "mHC": diag_mhc}`` (one colour per name; solid forward, dashed backward).
-        path: output file; its extension picks the format.
         dpi, figsize: the picture is ``figsize * dpi`` pixels.
         title: the chart's title.
     Returns:
-        The path written.
-
-    Example:
-        >>> plot_gains({"HC": stream_diagnostics(hc, x), "mHC": stream_diagnostics(mhc, x)}, "gains.png")
+        The matplotlib ``Figure`` (close it with ``matplotlib.pyplot.close`` when done).
     """
     named = _named(diagnostics)
     series = _series(named)
@@ -101,7 +108,7 @@ def plot_gains(diagnostics: Diagnosed, path: str | Path, dpi: int = 100, figsize
     ax.tick_params(labelsize=9)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    return _save(fig, path, dpi)
+    return fig
 
 
 def _grid(count: int, max_columns: int = 8) -> tuple[int, int]:
@@ -128,15 +135,20 @@ def _common_prefix(paths: list[str]) -> str:
 
 
 def plot_h_res(diagnostics: StreamDiagnostics, path: str | Path, dpi: int = 100, columns: int | None = None) -> Path:
+    """Save :func:`h_res_figure` to ``path`` (its extension picks the format); returns the path."""
+    return _save(h_res_figure(diagnostics, dpi, columns), path, dpi)
+
+
+def h_res_figure(diagnostics: StreamDiagnostics, dpi: int = 100, columns: int | None = None) -> Figure:
     """Heat maps of the token-averaged ``H_res`` of every site, in depth order, on one colour scale.
 
     Args:
         diagnostics: from :func:`mhc_rewrite.stream_diagnostics`.
-        path: output file; its extension picks the format.
         dpi: pixels per inch.
-        columns: panels per row; by default the widest of 8..3 that leaves no panel empty.
+        columns: panels per row; by default a near-square grid that leaves no panel empty when the number of
+            sites allows it (8 sites: 4 x 2), else 8 per row with the empty places removed.
     Returns:
-        The path written.
+        The matplotlib ``Figure``.
     """
     sites = diagnostics.sites
     if not sites:
@@ -169,7 +181,7 @@ def plot_h_res(diagnostics: StreamDiagnostics, path: str | Path, dpi: int = 100,
     bar.ax.tick_params(labelsize=8)
     fig.suptitle(f"H_res per site{f' (in {prefix[:-1]})' if prefix else ''}, token mean: row = stream out, "
                  "column = stream in", fontsize=9)
-    return _save(fig, path, dpi)
+    return fig
 
 
 def _short(index: int, module_path: str, width: int = 24) -> str:
