@@ -288,8 +288,8 @@ def _page_figure(graph, layout: _Layout, number, panels: list[int], dpi: int, ti
         ax.text(cx - BOX_W / 2 + 0.03, cy - BOX_H / 2 - 0.02, str(number[name]), ha="left", va="bottom",
                 fontsize=FONT_SIZE - 1, color="#777777", zorder=3)
         if name in tags:
-            ax.text(cx + 0.05, cy - BOX_H / 2 - 0.02, "from " + ", ".join(map(str, sorted(tags[name]))),
-                    ha="left", va="bottom", fontsize=FONT_SIZE - 1, color="#b03000", zorder=3)
+            ax.text(cx + BOX_W / 2 - 0.03, cy - BOX_H / 2 - 0.02, "from " + ", ".join(map(str, sorted(tags[name]))),
+                    ha="right", va="bottom", fontsize=FONT_SIZE - 1, color="#b03000", zorder=3)
     for p in panels[1:]:
         ax.axvline(origin[p] - 0.3, ymin=0.03, ymax=1 - header / height, color="#bbbbbb", linewidth=0.8)
     handles = [Patch(facecolor=c, edgecolor="#333333", label=KIND_NAMES[k])
