@@ -37,9 +37,10 @@ def load_factory(spec: str):
         path = Path(module_name)
         if not path.is_file():
             raise CLIError(f"no such file: {module_name}")
-        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        loader_spec = importlib.util.spec_from_file_location(f"_mhc_factory_{path.stem}", path)  # no clash
         module = importlib.util.module_from_spec(loader_spec)
         sys.path.insert(0, str(path.parent.resolve()))
+        sys.modules[loader_spec.name] = module  # dataclasses in the file look their module up there
         loader_spec.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())

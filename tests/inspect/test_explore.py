@@ -149,3 +149,9 @@ def test_help_names_the_explore_flags():
     inspect = make_parser()._subparsers._group_actions[0].choices["inspect"]
     text = inspect.format_help()
     assert "--explore " in text and "--explore-out DIR" in text and "mhc_rewrite[explore]" in text
+
+
+def test_a_factory_file_with_dataclasses_loads(capsys):
+    # tests/models.py defines dataclasses: its module must be registered while it runs (a bug found trying --explore)
+    assert main(["inspect", "tests/models.py:ResidualMLP"]) == 0, capsys.readouterr().err
+    assert "ResidualMLP: 4 residual site(s) found; rewrote 4" in capsys.readouterr().out
