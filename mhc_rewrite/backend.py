@@ -24,9 +24,9 @@ from torch import fx, nn
 from .config import MHCConfig
 from .convert import convert
 from .errors import MHCRewriteError
+from .passes import lower_fused
 from .region import region_call
 from .trace import split_example_inputs
-from .passes import lower_fused
 
 
 def _has_mhc_ops(gm: fx.GraphModule) -> bool:

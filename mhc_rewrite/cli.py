@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,9 +38,10 @@ def load_factory(spec: str):
         path = Path(module_name)
         if not path.is_file():
             raise CLIError(f"no such file: {module_name}")
-        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        loader_spec = importlib.util.spec_from_file_location(f"_mhc_factory_{path.stem}", path)  # no clash
         module = importlib.util.module_from_spec(loader_spec)
         sys.path.insert(0, str(path.parent.resolve()))
+        sys.modules[loader_spec.name] = module  # dataclasses in the file look their module up there
         loader_spec.loader.exec_module(module)
     else:
         sys.path.insert(0, os.getcwd())
@@ -75,7 +77,7 @@ def _first_block(sites) -> str:
 
 
 def inspect_command(args) -> int:
-    from .inspect import draw_graph, plot_gains, plot_h_res
+    from .inspect import draw_block_pages, plot_gains, plot_h_res
 
     model, example_inputs = build(load_factory(args.factory))
     options = dict(n=args.n, dynamic=not args.static, mode=args.mode, init=args.init,
@@ -84,6 +86,12 @@ def inspect_command(args) -> int:
     if converted is model:
         print(explain(model, example_inputs, **options))
         return 0
+    original = after = None
+    if args.block or args.out or args.explore or args.explore_out:  # the graphs before and after, to draw
+        original = trace_unconverted(model, example_inputs)
+        after = convert(original, example_inputs=example_inputs, **options)  # the same rewrite, as one graph
+    if args.block:
+        _check_block(after, args.block)
     report = explain(converted)
     diagnostics = None
     if example_inputs is not None:
@@ -98,16 +106,37 @@ def inspect_command(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         block = args.block or _first_block(converted.mhc_sites)
-        before = trace_unconverted(model, example_inputs)
-        after = convert(before, example_inputs=example_inputs, **options)  # the same rewrite, as one graph
-        written = [draw_graph(before, out / "block_before.png", block, title=f"{block}: before"),
-                   draw_graph(after, out / "block_after.png", block, title=f"{block}: after")]
+        written = [*draw_block_pages(original, out / "block_before.png", block, title=f"{block}: before"),
+                   *draw_block_pages(after, out / "block_after.png", block, title=f"{block}: after")]
         if diagnostics is not None:
             written += [plot_h_res(diagnostics, out / "h_res.png"), plot_gains(diagnostics, out / "gains.png")]
         (out / "report.json").write_text(report.to_json())
         written.append(out / "report.json")
         print("\nwrote " + ", ".join(str(p) for p in written))
+    if args.explore or args.explore_out:
+        from .inspect.explore import serve, write_explorer_files
+
+        folder = args.explore_out or tempfile.mkdtemp(prefix="mhc_explore_")
+        files = write_explorer_files(original, after, folder, diagnostics, label=report.model)
+        print("\nModel Explorer files: " + ", ".join(str(p) for p in files))
+        if args.explore:
+            serve(files)
     return 0
+
+
+def _check_block(converted, block: str) -> None:
+    from .inspect.blocks import block_names
+    from .inspect.text import in_module
+
+    if not any(in_module(node, block) for node in converted.graph.nodes):
+        blocks, sites = _split_names(block_names(converted), converted.mhc_sites)
+        raise CLIError(f"--block {block}: no such block in the model; valid blocks: {', '.join(blocks)}"
+                       + (f" (or one residual site: {', '.join(sites)})" if sites else ""))
+
+
+def _split_names(names: list[str], sites) -> tuple[list[str], list[str]]:
+    site_paths = {s.module_path for s in sites}
+    return [n for n in names if n not in site_paths] or names, [n for n in names if n in site_paths]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -130,6 +159,12 @@ def make_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn-Knopp rounds (default 20)")
     inspect.add_argument("--block", help="module path of the block to draw (default: the block of the first site)")
     inspect.add_argument("--out", metavar="DIR", help="write report.json and the pictures into DIR")
+    inspect.add_argument("--explore", action="store_true",
+                         help="open the original and converted graphs in Model Explorer (pip install "
+                              "'mhc_rewrite[explore]'), folded by module, mHC nodes marked with their diagnostics")
+    inspect.add_argument("--explore-out", metavar="DIR",
+                         help="write the Model Explorer files (graphs.json, amax_gain_node_data.json) into DIR "
+                              "instead of serving them; no extra package needed")
     inspect.set_defaults(run=inspect_command)
     return parser
 
