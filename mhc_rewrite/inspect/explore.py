@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
+from ..region import converted_graph
 from .diagnostics import StreamDiagnostics, amax_gain
 from .text import is_noise
 
@@ -110,13 +111,15 @@ def explorer_graph(gm: fx.GraphModule, graph_id: str,
     """One Model Explorer graph (a JSON-ready dict) of ``gm``, namespaced by module, mHC nodes marked.
 
     Args:
-        gm: a traced model or one returned by :func:`mhc_rewrite.convert`.
+        gm: a traced model, or one returned by :func:`mhc_rewrite.convert` (the graph of its latest call).
         graph_id: the graph's name in Model Explorer's graph selector.
         diagnostics: :func:`mhc_rewrite.stream_diagnostics` of ``gm``; its per-site values become node attributes.
     Returns:
         ``{"id", "nodes": [...], "groupNodeConfigs": [...]}`` in Model Explorer's graph format. Reads of the
         model's own weights are left out (Model Explorer would draw each as a node); mHC parameters are kept.
     """
+    if not isinstance(gm, fx.GraphModule):
+        gm = converted_graph(gm)
     per_site = site_attributes(diagnostics) if diagnostics is not None else {}
     kept = [n for n in gm.graph.nodes if not is_noise(n)]
     names = {n.name for n in kept}

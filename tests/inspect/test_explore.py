@@ -27,8 +27,8 @@ def _gpt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2))
     idx = torch.randint(0, 64, (2, 12))
-    converted = mhc_rewrite.convert(model, example_inputs=(idx,))
-    return trace(model, (idx,)), converted, stream_diagnostics(converted, idx)
+    converted = mhc_rewrite.convert(model, example_inputs=(idx,))  # the graph it runs for idx is drawn
+    return trace(model, (idx,)), mhc_rewrite.converted_graph(converted, idx), stream_diagnostics(converted, idx)
 
 
 def _attrs(node):
