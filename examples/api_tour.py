@@ -30,9 +30,8 @@ def main():
     print(sites_table(mhc_rewrite.find_residuals(model)))
 
     # 2. convert, with options
-    config = mhc_rewrite.MHCConfig(n=4, dynamic=True, mode="mhc", init="identity",
-                                   filter_fn=lambda site: site.has_params)
-    converted = mhc_rewrite.convert(model, config=config)
+    config = mhc_rewrite.MHCConfig(n=4, dynamic=True, mode="mhc", init="identity")
+    converted = mhc_rewrite.convert(model, config=config, filter_fn=lambda site: site.has_params)
     print("\n" + str(mhc_rewrite.explain(converted)).splitlines()[0])
     print("\nblock h.0 after the rewrite (first lines):")
     print("\n".join(block_code(converted, "h.0").splitlines()[:6]))

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
 from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
-from mhc_rewrite.passes.sites import SiteInfo
+from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
 
-from .config import MHCConfig
+from .config import MHCConfig, resolve_config
 from .errors import MHCRewriteError
 from .trace import trace
 
 log = logging.getLogger(__name__)
-
-
-def _resolve_config(n: Optional[int], config: Optional[MHCConfig], options: dict) -> MHCConfig:
-    if config is None:
-        return MHCConfig(n=4 if n is None else n, **options)
-    if not isinstance(config, MHCConfig):
-        raise TypeError(f"config must be an MHCConfig, got {type(config).__name__}")
-    if n is not None or options:
-        raise TypeError("pass either config=MHCConfig(...) or n=/keyword options, not both")
-    return config
 
 
 def _run(name: str, fn, *args) -> None:
@@ -39,20 +28,21 @@ def _run(name: str, fn, *args) -> None:
         raise MHCRewriteError(f"the {name} pass failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _analyse(model: nn.Module, example_inputs: Any, config: MHCConfig) -> fx.GraphModule:
+def _analyse(model: nn.Module, example_inputs: Any, filter_fn) -> fx.GraphModule:
     gm = trace(model, example_inputs)
-    _run("find_residual_sites", find_residual_sites, gm, config.filter_fn)
+    _run("find_residual_sites", find_residual_sites, gm, filter_fn)
     _run("group_chains", group_chains, gm)
     return gm
 
 
-def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> list[SiteInfo]:
+def find_residuals(model: nn.Module, example_inputs: Any = None, *, filter_fn=None, **options) -> list[SiteInfo]:
     """List the residual sites of ``model`` without rewriting anything.
 
     Args:
         model: the model to analyse (traced like :func:`convert` does).
         example_inputs: as for :func:`convert`.
-        **options: :class:`MHCConfig` options (``filter_fn`` decides which sites would be rewritten).
+        filter_fn: ``filter_fn(site) -> bool`` decides which sites would be rewritten (as for :func:`convert`).
+        **options: :class:`MHCConfig` options, validated as :func:`convert` does.
     Returns:
         One :class:`SiteInfo` per site, in graph order, with its module path, chain and branch size, and
         whether :func:`convert` would rewrite it (or why not).
@@ -61,7 +51,8 @@ def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> l
         >>> sites = mhc_rewrite.find_residuals(model)
         >>> [s.module_path for s in sites if s.rewritten]
     """
-    gm = _analyse(model, example_inputs, MHCConfig(**options))
+    resolve_config(options=options, filter_fn=filter_fn)
+    gm = _analyse(model, example_inputs, filter_fn)
     return [site.info() for site in gm.meta["mhc_sites"]]
 
 
@@ -71,6 +62,7 @@ def convert(
     *,
     example_inputs: Any = None,
     config: Optional[MHCConfig] = None,
+    filter_fn: Optional[Callable[[ResidualSite], bool]] = None,
     **options,
 ) -> nn.Module:
     """Rewrite every residual ``x + f(x)`` of ``model`` into an identity-initialised n-stream mHC block.
@@ -88,8 +80,9 @@ def convert(
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs. Required when
             ``symbolic_trace`` fails (Hugging Face models) or the stream width cannot be read off the modules.
         config: an :class:`MHCConfig`, instead of ``n`` and keyword options.
-        **options: the other :class:`MHCConfig` fields: ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``,
-            ``filter_fn``.
+        filter_fn: ``filter_fn(site) -> bool`` picks the sites to rewrite (it must return a bool); by default a
+            site is rewritten when its branch holds a parameterised op.
+        **options: the other :class:`MHCConfig` fields: ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``.
     Returns:
         A ``GraphModule`` whose new parameters live under ``mhc.<module path>`` and whose ``mhc_sites`` lists
         the rewritten sites; or ``model`` itself, with a warning, when it has no residual to rewrite.
@@ -98,10 +91,10 @@ def convert(
         >>> model = mhc_rewrite.convert(model, n=4)
         >>> model.mhc_sites[0].module_path
     """
-    config = _resolve_config(n, config, options)
+    config = resolve_config(n, config, options, filter_fn)
     if isinstance(model, fx.GraphModule) and hasattr(model, "mhc_sites"):
         raise MHCRewriteError("this model is already converted (it has mhc_sites); convert the original instead")
-    gm = _analyse(model, example_inputs, config)
+    gm = _analyse(model, example_inputs, filter_fn)
     sites = gm.meta["mhc_sites"]
     if not any(site.rewrite for site in sites):
         reasons = "; ".join(sorted({f"{s.module_path or '<root>'}: {s.skip_reason}" for s in sites}))
@@ -116,7 +109,7 @@ def convert(
     del gm.meta["mhc_sites"]  # graph-level records hold nodes; users get the plain SiteInfo records
     gm.mhc_sites = [site.info() for site in sites if site.rewrite]
     gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
-    gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
+    gm.mhc_config = config
     gm.mhc_model_name = type(model).__name__
     log.info("rewrote %d residual site(s) in %d chain(s)", len(gm.mhc_sites), len({s.chain for s in gm.mhc_sites}))
     return gm

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .noop import noop_sources
-from .sites import ResidualSite
+from .sites import ResidualSite, ask_filter
 
 aten = torch.ops.aten
 _ADDS = {operator.add, torch.add, aten.add.Tensor}
@@ -185,7 +185,7 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
                 break
     for site in sites:
         _locate_channels(site, gm)
-        if filter_fn is not None and not filter_fn(site):
+        if filter_fn is not None and not ask_filter(filter_fn, site):
             site.rewrite, site.skip_reason = False, "excluded by filter_fn"
         elif filter_fn is None and not site.has_params:
             site.rewrite, site.skip_reason = False, "branch has no parameterised op"
