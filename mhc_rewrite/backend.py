@@ -24,7 +24,7 @@ from torch import fx, nn
 from .config import MHCConfig
 from .convert import convert
 from .errors import MHCRewriteError
-from .passes import lower_fused
+from .pipeline import lower
 
 
 def _has_mhc_ops(gm: fx.GraphModule) -> bool:
@@ -57,7 +57,7 @@ def mhc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs) -> Any:
         converted = convert(gm, example_inputs=tuple(example_inputs))
         if converted is not gm:
             gm = converted
-    lower_fused(gm)
+    lower(gm)
     return compile_fx(gm, example_inputs, config_patches=kwargs.get("options"))
 
 

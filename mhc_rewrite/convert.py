@@ -8,31 +8,13 @@ from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
-from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc
-from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
-
 from .config import MHCConfig, resolve_config
 from .errors import MHCRewriteError
+from .passes.sites import ResidualSite, SiteInfo
+from .pipeline import run_analysis, run_pipeline
 from .trace import trace
 
 log = logging.getLogger(__name__)
-
-
-def _run(name: str, fn, *args) -> None:
-    """Run one pass; failures that are not ours get the pass's name."""
-    try:
-        fn(*args)
-    except MHCRewriteError:
-        raise
-    except Exception as exc:
-        raise MHCRewriteError(f"the {name} pass failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _analyse(model: nn.Module, example_inputs: Any, filter_fn) -> fx.GraphModule:
-    gm = trace(model, example_inputs)
-    _run("find_residual_sites", find_residual_sites, gm, filter_fn)
-    _run("group_chains", group_chains, gm)
-    return gm
 
 
 def find_residuals(model: nn.Module, example_inputs: Any = None, *, filter_fn=None, **options) -> list[SiteInfo]:
@@ -52,8 +34,7 @@ def find_residuals(model: nn.Module, example_inputs: Any = None, *, filter_fn=No
         >>> [s.module_path for s in sites if s.rewritten]
     """
     resolve_config(options=options, filter_fn=filter_fn)
-    gm = _analyse(model, example_inputs, filter_fn)
-    return [site.info() for site in gm.meta["mhc_sites"]]
+    return [site.info() for site in run_analysis(trace(model, example_inputs), filter_fn).sites]
 
 
 def convert(
@@ -94,9 +75,9 @@ def convert(
     config = resolve_config(n, config, options, filter_fn)
     if isinstance(model, fx.GraphModule) and hasattr(model, "mhc_sites"):
         raise MHCRewriteError("this model is already converted (it has mhc_sites); convert the original instead")
-    gm = _analyse(model, example_inputs, filter_fn)
-    sites = gm.meta["mhc_sites"]
-    if not any(site.rewrite for site in sites):
+    gm, analysis = run_pipeline(trace(model, example_inputs), config, filter_fn)
+    sites = analysis.sites
+    if not analysis.rewritten:
         reasons = "; ".join(sorted({f"{s.module_path or '<root>'}: {s.skip_reason}" for s in sites}))
         warnings.warn(
             f"{type(model).__name__} has no residual site to rewrite"
@@ -105,8 +86,6 @@ def convert(
             stacklevel=2,
         )
         return model
-    _run("rewrite_mhc", rewrite_mhc, gm, config)
-    del gm.meta["mhc_sites"]  # graph-level records hold nodes; users get the plain SiteInfo records
     gm.mhc_sites = [site.info() for site in sites if site.rewrite]
     gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     gm.mhc_config = config

@@ -6,8 +6,9 @@ A branch is the set of nodes between the stream and the branch output; it is fou
 branch output over nodes that come after the stream in graph order, so the total work is the sum of the
 branch sizes, linear in the graph for models made of blocks.
 
-Result: ``gm.meta["mhc_sites"]``, a list of ``ResidualSite`` in graph order (sites the config skips are
-kept with ``rewrite=False`` and a ``skip_reason``). The graph itself is not modified.
+Result: ``FindResidualSites(filter_fn)`` fills a ``SiteAnalysis`` (``pass_.analysis``) with a list of
+``ResidualSite`` in graph order (sites the filter skips are kept with ``rewrite=False`` and a ``skip_reason``).
+The graph itself is not modified.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .base import MHCPass, SiteAnalysis
 from .noop import noop_sources
 from .sites import ResidualSite, ask_filter
 
@@ -145,15 +147,16 @@ def _match_residual(add: fx.Node, gm, order) -> Optional[tuple[fx.Node, fx.Node,
     return None
 
 
-def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[ResidualSite], bool]] = None) -> PassResult:
-    """Find the residual sites of ``gm`` and store them in ``gm.meta["mhc_sites"]``.
+def find_residual_sites(gm: fx.GraphModule,
+                        filter_fn: Optional[Callable[[ResidualSite], bool]] = None) -> list[ResidualSite]:
+    """Find the residual sites of ``gm``.
 
     Args:
         gm: a traced graph (``symbolic_trace`` or the module of ``torch.export``).
         filter_fn: ``filter_fn(site) -> bool`` chooses the sites to rewrite; by default the sites whose
             branch holds a parameterised op.
     Returns:
-        ``PassResult(gm, modified=False)``.
+        The sites, in graph order.
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     all_paths = {path for node in gm.graph.nodes for path in _module_stack(node)}
@@ -195,5 +198,28 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
         nested = sorted({inner_adds[node].index for node in site.body if node in inner_adds})
         if site.rewrite and nested:
             site.rewrite, site.skip_reason = False, f"contains rewritten residual site(s) {nested}"
-    gm.meta["mhc_sites"] = sites
-    return PassResult(gm, False)
+    return sites
+
+
+class FindResidualSites(MHCPass):
+    """The find pass: fills ``self.analysis`` with the residual sites of the graph; the graph is not modified.
+
+    Args:
+        filter_fn: ``filter_fn(site) -> bool`` chooses the sites to rewrite (None: the sites whose branch holds a
+            parameterised op).
+        analysis: the ``SiteAnalysis`` to fill (a new one by default); later passes are given the same object.
+    """
+
+    def __init__(self, filter_fn: Optional[Callable[[ResidualSite], bool]] = None,
+                 analysis: Optional[SiteAnalysis] = None):
+        self.filter_fn = filter_fn
+        self.analysis = analysis if analysis is not None else SiteAnalysis()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        self.analysis.sites = find_residual_sites(graph_module, self.filter_fn)
+        self.analysis.graph, self.analysis.grouped, self.analysis.rewritten = graph_module.graph, False, False
+        return PassResult(graph_module, False)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        for site in self.analysis.sites:
+            assert all(node.graph is graph_module.graph for node in [site.stream, *site.add_nodes, *site.body])

@@ -17,6 +17,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .base import MHCPass
+
 mhc = torch.ops.mhc
 
 
@@ -31,6 +33,13 @@ def _outputs(node: fx.Node) -> dict[int, list[fx.Node]]:
         if user.op == "call_function" and user.target is operator.getitem:
             found.setdefault(user.args[1], []).append(user)
     return found
+
+
+class LowerFused(MHCPass):
+    """The lower pass: reference mHC ops -> fused ``triton_op``s, in place (see the module docstring)."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return lower_fused(graph_module)
 
 
 def lower_fused(gm: fx.GraphModule) -> PassResult:
