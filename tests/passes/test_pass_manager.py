@@ -62,8 +62,10 @@ def test_rewrite_one_expand_one_reduce_and_the_same_function():
 
 
 def test_lower_replaces_the_reference_ops_and_keeps_the_function():
-    _, gm, x = _setup()
-    gm, _ = run_pipeline(gm, MHCConfig(n=4))
+    model, _, x = _setup()
+    gm, _ = run_pipeline(trace(model, (x,)), MHCConfig(n=4))  # with example inputs: nodes carry fake values
+    shapes = {node.meta["mhc"]["site"]: node.meta["val"].shape for node in gm.graph.nodes
+              if node.target is mhc.pre_mix.default}
     with torch.no_grad():
         for p in gm.mhc.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -72,6 +74,13 @@ def test_lower_replaces_the_reference_ops_and_keeps_the_function():
     assert _count(gm, mhc.coefficients.default) == _count(gm, mhc.pre_mix.default) == 0
     assert _count(gm, mhc.fused_pre_mix.default) == 4 and _count(gm, mhc.fused_post_res_mix.default) == 4
     torch.testing.assert_close(gm(x), reference(x), atol=1e-5, rtol=1e-5)
+    for node in gm.graph.nodes:
+        if node.target is mhc.fused_pre_mix.default:
+            site = node.meta["mhc"]["site"]
+            block_input = next(u for u in node.users if u.args[1] == 0)
+            assert block_input.meta["val"].shape == shapes[site] and len(node.meta["val"]) == 4
+        if node.target is mhc.fused_post_res_mix.default:
+            assert node.meta["val"].shape == (5, 4, 16)
 
 
 def test_skipping_group_chains_is_refused():
