@@ -24,11 +24,8 @@ from torch import fx, nn
 from .config import MHCConfig
 from .convert import convert
 from .errors import MHCRewriteError
+from .passes.nodes import is_mhc_op
 from .pipeline import lower
-
-
-def _has_mhc_ops(gm: fx.GraphModule) -> bool:
-    return any(node.op == "call_function" and str(node.target).startswith("mhc.") for node in gm.graph.nodes)
 
 
 def mhc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs) -> Any:
@@ -40,7 +37,7 @@ def mhc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs) -> Any:
     """
     from torch._inductor.compile_fx import compile_fx
 
-    if not _has_mhc_ops(gm):
+    if not any(is_mhc_op(node) for node in gm.graph.nodes):
         if torch.is_grad_enabled():
             raise MHCRewriteError(
                 "torch.compile(backend='mhc') got a model without mHC while gradients are enabled. Parameters "

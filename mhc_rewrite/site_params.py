@@ -18,7 +18,8 @@ RES_DIAGONAL_LOGIT = 1.0
 def pre_weights(n: int, favoured: int) -> torch.Tensor:
     """Non-uniform read weights summing to 1: stream ``favoured`` gets 2/(n+1), the others 1/(n+1).
 
-    Uniform weights would leave every stream with the same gradient (SPEC §2); favouring stream
+    Uniform weights would leave every stream with the same gradient, so equal streams stay equal and
+    ``H_res`` never learns (its gradient is zero while they are); favouring stream
     ``layer mod n`` (as the HC paper does) breaks that symmetry without changing the function.
     """
     w = torch.full((n,), 1.0 / (n + 1), dtype=torch.float64)
@@ -63,7 +64,7 @@ class MHCSiteParams(nn.Module):
         self.bias = nn.Parameter(initial_bias(config, site_index).to(device=device, dtype=torch.float32))
         if config.dynamic:
             # alpha = 0 keeps the function exact at init while phi, small and random, gives the gates a
-            # gradient from step 0 (SPEC §2). The paper states only a = 0.01.
+            # gradient from step 0 (breaking the stream symmetry). The paper states only a = 0.01.
             start = 0.0 if config.init == "identity" else 0.01
             self.alpha = nn.Parameter(torch.full((3,), start, device=device))
             phi = torch.randn(n * channels, m, device=device) / math.sqrt(n * channels)

@@ -19,14 +19,11 @@ import networkx as nx  # noqa: E402
 import torch  # noqa: E402
 from torch import fx  # noqa: E402
 
+from ..passes.nodes import is_mhc_node  # noqa: E402
 from .diagnostics import StreamDiagnostics  # noqa: E402
 from .text import in_module, is_noise  # noqa: E402
 
 MHC_COLOR, PARAM_COLOR, IO_COLOR, OP_COLOR = "#f28e2b", "#fcd9b0", "#59a14f", "#bab0ac"
-
-
-def _is_mhc(node: fx.Node) -> bool:
-    return "mhc" in node.meta or str(node.target).startswith("mhc.") or "mhc." in str(node.target)
 
 
 def _label(node: fx.Node) -> str:
@@ -53,7 +50,7 @@ def block_graph(gm: fx.GraphModule, module_path: Optional[str] = None) -> nx.DiG
         keep = list(dict.fromkeys([src for n in keep for src in n.all_input_nodes if _drawn_input(src)] + keep))
     graph = nx.DiGraph()
     for node in keep:
-        graph.add_node(node.name, label=_label(node), mhc=_is_mhc(node), op=node.op)
+        graph.add_node(node.name, label=_label(node), mhc=is_mhc_node(node), op=node.op)
     names = set(graph.nodes)
     for node in keep:
         for src in node.all_input_nodes:

@@ -21,7 +21,8 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .base import MHCPass, SiteAnalysis
-from .noop import noop_sources
+from .nodes import module_paths
+from .noop import noop_sources, same_shape
 from .sites import ResidualSite, ask_filter
 
 aten = torch.ops.aten
@@ -71,13 +72,6 @@ def _has_params(body: list[fx.Node], gm: fx.GraphModule) -> bool:
     return False
 
 
-def _module_stack(node: fx.Node) -> list[str]:
-    stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-    if node.op == "call_module":
-        stack.append(node.target)
-    return stack
-
-
 def _child_of(stack: list[str], scope: list[str]) -> Optional[str]:
     inner = [path for path in stack if path not in scope]
     return inner[0] if inner else None
@@ -89,11 +83,11 @@ def _site_module_path(add: fx.Node, body: list[fx.Node], out: fx.Node, all_paths
     Within the add's own module: the child module that produced the branch output when it is a composite
     module (attention, MLP); else the only child the branch touches; else the add's module itself.
     """
-    scope = _module_stack(add)
-    child = _child_of(_module_stack(out), scope)
+    scope = module_paths(add)
+    child = _child_of(module_paths(out), scope)
     if child is not None and any(path.startswith(child + ".") for path in all_paths):
         return child
-    children = {c for c in (_child_of(_module_stack(node), scope) for node in body) if c is not None}
+    children = {c for c in (_child_of(module_paths(node), scope) for node in body) if c is not None}
     if len(children) == 1:
         return children.pop()
     return scope[-1] if scope else ""
@@ -134,7 +128,7 @@ def _same_shapes(*nodes: fx.Node) -> bool:
     vals = [node.meta.get("val") for node in nodes]
     if not all(isinstance(v, torch.Tensor) for v in vals):
         return True  # no shape information: trust the structure
-    return all(v.shape == vals[0].shape for v in vals)
+    return all(same_shape(v, vals[0]) for v in vals)
 
 
 def _match_residual(add: fx.Node, gm, order) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]]:
@@ -159,7 +153,7 @@ def find_residual_sites(gm: fx.GraphModule,
         The sites, in graph order.
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    all_paths = {path for node in gm.graph.nodes for path in _module_stack(node)}
+    all_paths = {path for node in gm.graph.nodes for path in module_paths(node)}
     sites: list[ResidualSite] = []
     by_output: dict[fx.Node, ResidualSite] = {}
     for add in gm.graph.nodes:
