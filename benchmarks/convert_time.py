@@ -20,7 +20,7 @@ from nanogpt import GPT, GPTConfig  # noqa: E402
 
 import mhc_rewrite  # noqa: E402
 from mhc_rewrite.config import MHCConfig  # noqa: E402
-from mhc_rewrite.passes import find_residual_sites, group_chains, rewrite_mhc  # noqa: E402
+from mhc_rewrite.pipeline import run_pipeline  # noqa: E402
 from mhc_rewrite.trace import trace  # noqa: E402
 
 
@@ -39,9 +39,7 @@ def measure(model, example_inputs, repeats=3):
     def passes():
         gm = trace(model, example_inputs)
         start = time.perf_counter()
-        find_residual_sites(gm)
-        group_chains(gm)
-        rewrite_mhc(gm, config)
+        run_pipeline(gm, config)
         return gm, time.perf_counter() - start
 
     trace_s = _median_seconds(lambda: trace(model, example_inputs), repeats)

@@ -30,9 +30,8 @@ def main():
     print(sites_table(mhc_rewrite.find_residuals(model)))
 
     # 2. convert, with options
-    config = mhc_rewrite.MHCConfig(n=4, dynamic=True, mode="mhc", init="identity",
-                                   filter_fn=lambda site: site.has_params)
-    converted = mhc_rewrite.convert(model, config=config)  # still a GPT: same class, parameters shared
+    config = mhc_rewrite.MHCConfig(n=4, dynamic=True, mode="mhc", init="identity")
+    converted = mhc_rewrite.convert(model, config=config, filter_fn=lambda site: site.has_params)  # still a GPT
     print("\n" + str(mhc_rewrite.explain(converted)).splitlines()[0])
     print("\nblock h.0 after the rewrite (first lines):")
     graph = mhc_rewrite.converted_graph(converted, idx[:, :-1])  # the graph it runs for such inputs, this mode

@@ -14,8 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mhc_rewrite
-from mhc_rewrite.inspect import block_code, sites_table
 from mhc_rewrite.convert import trace_unconverted
+from mhc_rewrite.inspect import block_code, sites_table
 
 
 def main():

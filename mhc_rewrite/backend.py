@@ -24,13 +24,10 @@ from torch import fx, nn
 from .config import MHCConfig
 from .convert import convert
 from .errors import MHCRewriteError
-from .passes import lower_fused
+from .passes.nodes import is_mhc_op
+from .pipeline import lower
 from .region import region_call
 from .trace import split_example_inputs
-
-
-def _has_mhc_ops(gm: fx.GraphModule) -> bool:
-    return any(node.op == "call_function" and str(node.target).startswith("mhc.") for node in gm.graph.nodes)
 
 
 def mhc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs) -> Any:
@@ -42,7 +39,7 @@ def mhc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs) -> Any:
     """
     from torch._inductor.compile_fx import compile_fx
 
-    if not _has_mhc_ops(gm):
+    if not any(is_mhc_op(node) for node in gm.graph.nodes):
         if torch.is_grad_enabled():
             raise MHCRewriteError(
                 "torch.compile(backend='mhc') got a model without mHC while gradients are enabled. Parameters "
@@ -59,7 +56,7 @@ def mhc_backend(gm: fx.GraphModule, example_inputs: list, **kwargs) -> Any:
         converted = convert(gm, example_inputs=tuple(example_inputs))
         if converted is not gm:
             gm = converted
-    lower_fused(gm)
+    lower(gm)
     return compile_fx(gm, example_inputs, config_patches=kwargs.get("options"))
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import convert
+from .config import add_config_arguments, config_from_args
 from .convert import trace_unconverted
 from .inspect import explain, stream_diagnostics
 from .trace import split_example_inputs
@@ -80,8 +81,7 @@ def inspect_command(args) -> int:
     from .inspect import draw_block_pages, plot_gains, plot_h_res
 
     model, example_inputs = build(load_factory(args.factory))
-    options = dict(n=args.n, dynamic=not args.static, mode=args.mode, init=args.init,
-                   sinkhorn_iters=args.sinkhorn_iters)
+    options = config_from_args(args).to_dict()
     converted = convert(model, example_inputs=example_inputs, **options)
     if converted is model:
         print(explain(model, example_inputs, **options))
@@ -150,13 +150,7 @@ def make_parser() -> argparse.ArgumentParser:
     inspect.add_argument("factory", metavar="MODULE:FACTORY",
                          help="a function returning a model or (model, example_inputs): "
                               "'package.module:function' (importable from here) or 'path/to/file.py:function'")
-    inspect.add_argument("--n", type=int, default=4, help="number of residual streams (default 4)")
-    inspect.add_argument("--static", action="store_true", help="static mappings instead of per-token ones")
-    inspect.add_argument("--mode", choices=("mhc", "hc"), default="mhc",
-                         help="'mhc' (doubly-stochastic H_res, default) or 'hc' (unconstrained)")
-    inspect.add_argument("--init", choices=("identity", "paper"), default="identity",
-                         help="'identity' (function-preserving, default) or 'paper' (a=0.01, b=0)")
-    inspect.add_argument("--sinkhorn-iters", type=int, default=20, help="Sinkhorn-Knopp rounds (default 20)")
+    add_config_arguments(inspect)  # one flag per MHCConfig option
     inspect.add_argument("--block", help="module path of the block to draw (default: the block of the first site)")
     inspect.add_argument("--out", metavar="DIR", help="write report.json and the pictures into DIR")
     inspect.add_argument("--explore", action="store_true",

@@ -1,62 +1,174 @@
-"""``MHCConfig``: every option of :func:`mhc_rewrite.convert`, validated once at construction."""
+"""``MHCConfig``: every option of the mHC rewrite, validated in this one place, and the resolver the entry points share.
+
+Each option is a dataclass field whose ``metadata`` says what it means (``help``), what it allows (``choices``, or
+``low``/``high`` bounds with the reason for the bound) and how the command line spells it (``flag``). Validation,
+``to_dict``/``from_dict`` and the command-line flags (:func:`add_config_arguments`) are all read off the fields,
+so a new option is one new field. ``filter_fn`` is not an option: it is code, passed to ``convert`` beside the config.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+import argparse
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Optional
 
 from .ops import MODES
 
-if TYPE_CHECKING:
-    from mhc_rewrite.passes.sites import ResidualSite
-
 INITS = ("identity", "paper")
+N_MAX = 16
+SINKHORN_ITERS_MAX = 200
 
 
 @dataclass(frozen=True)
 class MHCConfig:
-    """Options of the mHC rewrite.
+    """Options of the mHC rewrite (the picklable, JSON-able part; ``filter_fn`` is passed separately).
 
     Args:
-        n: number of residual streams (>= 2). ``n=1`` is refused: with one stream Sinkhorn makes ``H_res``
-            the constant 1 and mHC degenerates to a gated residual; keep the original model as the baseline.
+        n: number of residual streams, 2 to 16. ``n=1`` is refused: with one stream Sinkhorn makes ``H_res`` the
+            constant 1 and mHC degenerates to a gated residual; keep the original model as the baseline.
         dynamic: True: per-token mappings computed from the streams (the paper). False: static mappings,
             one learned set per site.
-        sinkhorn_iters: Sinkhorn-Knopp rounds (the paper uses 20).
+        sinkhorn_iters: Sinkhorn-Knopp rounds, 1 to 200 (the paper uses 20).
         mode: ``"mhc"`` (doubly-stochastic ``H_res``) or ``"hc"`` (unconstrained hyper-connections).
-        init: ``"identity"``: the converted model computes the original function until it trains (SPEC §2),
-            with the stream symmetry broken. ``"paper"``: ``a = 0.01``, ``b = 0`` as read from the paper;
-            not function-preserving.
-        filter_fn: ``filter_fn(site) -> bool`` picks the sites to rewrite; by default a site is rewritten
-            when its branch holds a parameterised op.
+        init: ``"identity"``: the converted model computes the original function until it trains, with the stream
+            symmetry broken. ``"paper"``: ``a = 0.01``, ``b = 0`` as read from the paper; not function-preserving.
     """
 
-    n: int = 4
-    dynamic: bool = True
-    sinkhorn_iters: int = 20
-    mode: str = "mhc"
-    init: str = "identity"
-    filter_fn: Optional[Callable[["ResidualSite"], bool]] = None
+    n: int = field(default=4, metadata=dict(
+        help="number of residual streams", low=2, high=N_MAX,
+        why=f"the paper uses 4; each stream is a copy of the residual (n-fold activation memory) and every site "
+            f"adds an n*C x (n^2+2n) projection, so n > {N_MAX} only costs memory"))
+    dynamic: bool = field(default=True, metadata=dict(
+        help="per-token maps computed from the streams (the paper)", flag="--static",
+        flag_help="static maps: one learned set per site instead of per-token ones"))
+    sinkhorn_iters: int = field(default=20, metadata=dict(
+        help="Sinkhorn-Knopp rounds", low=1, high=SINKHORN_ITERS_MAX,
+        why=f"the paper uses 20; the projection has converged long before {SINKHORN_ITERS_MAX} rounds, and every "
+            "round is paid in each site's forward and backward"))
+    mode: str = field(default="mhc", metadata=dict(
+        help="'mhc' (doubly-stochastic H_res) or 'hc' (unconstrained hyper-connections)", choices=MODES))
+    init: str = field(default="identity", metadata=dict(
+        help="'identity' (function-preserving) or 'paper' (a=0.01, b=0)", choices=INITS))
+
+    def __new__(cls, *args, **kwargs):
+        check_option_names(kwargs)
+        return super().__new__(cls)
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int):
-            raise TypeError(f"n must be an int, got {type(self.n).__name__}")
-        if self.n == 1:
-            raise ValueError(
-                "n=1 has a single stream: Sinkhorn makes H_res the constant 1 and mHC reduces to a gated "
-                "residual. Use n >= 2 (the paper uses 4), or keep the original model as the baseline."
-            )
-        if self.n < 1:
-            raise ValueError(f"n must be >= 2, got {self.n}")
-        if not isinstance(self.dynamic, bool):
-            raise TypeError(f"dynamic must be a bool, got {type(self.dynamic).__name__}")
-        if isinstance(self.sinkhorn_iters, bool) or not isinstance(self.sinkhorn_iters, int):
-            raise TypeError(f"sinkhorn_iters must be an int, got {type(self.sinkhorn_iters).__name__}")
-        if self.sinkhorn_iters < 1:
-            raise ValueError(f"sinkhorn_iters must be >= 1, got {self.sinkhorn_iters}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise TypeError(f"filter_fn must be callable (site -> bool), got {type(self.filter_fn).__name__}")
+        for f in fields(self):
+            _check_value(f, getattr(self, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict of JSON types; ``MHCConfig.from_dict(config.to_dict()) == config``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MHCConfig":
+        """Build a config from a dict (a saved model's, a report's), validated like keyword options.
+
+        Args:
+            data: option names and values; missing options take their defaults.
+        Returns:
+            The :class:`MHCConfig`.
+        Raises:
+            TypeError: ``data`` is not a mapping, or holds an unknown option (the message lists the valid ones).
+            ValueError: a value is out of range or not among the choices.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"MHCConfig.from_dict takes a dict of options, got {type(data).__name__}")
+        return cls(**dict(data))
+
+
+def option_names() -> list[str]:
+    """The names of the options, in declaration order."""
+    return [f.name for f in fields(MHCConfig)]
+
+
+def check_option_names(options: Mapping[str, Any], extra: tuple[str, ...] = ()) -> None:
+    """Refuse unknown option names, listing the valid ones and the closest match.
+
+    Args:
+        options: keyword options as given by the user.
+        extra: names accepted besides the config's fields (``filter_fn`` for ``convert``).
+    Raises:
+        TypeError: naming the unknown option.
+    """
+    valid = option_names() + list(extra)
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(f"unknown option {name!r}: {hint}valid options are {', '.join(valid)}")
+
+
+def _check_value(f, value) -> None:
+    meta, name = f.metadata, f.name
+    kind = {"int": int, "bool": bool, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+    if kind is not None and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {type(value).__name__} "
+                        f"({value!r})")
+    if name == "n" and value == 1:
+        raise ValueError(
+            "n=1 has a single stream: Sinkhorn makes H_res the constant 1 and mHC reduces to a gated "
+            "residual. Use n >= 2 (the paper uses 4), or keep the original model as the baseline."
+        )
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{name} must be one of {meta['choices']}, got {value!r}")
+    low, high = meta.get("low", -math.inf), meta.get("high", math.inf)
+    if ("low" in meta or "high" in meta) and not low <= value <= high:
+        raise ValueError(f"{name}={value} is out of range: {name} must be from {low} to {high} ({meta['why']})")
+
+
+def check_filter_fn(filter_fn: Optional[Callable]) -> None:
+    """Refuse a ``filter_fn`` that cannot be called on a site."""
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (site -> bool), got {type(filter_fn).__name__}")
+
+
+def resolve_config(n: Optional[int] = None, config: Optional[MHCConfig] = None, options: Optional[dict] = None,
+                   filter_fn: Optional[Callable] = None) -> MHCConfig:
+    """The one resolver of ``convert``, ``find_residuals``, ``explain`` and ``compile``: options -> ``MHCConfig``.
+
+    Args:
+        n: number of streams, or None for the default (or for ``config``'s).
+        config: a ready :class:`MHCConfig`, instead of ``n`` and ``options``.
+        options: the other keyword options.
+        filter_fn: the site filter passed beside the options; checked to be callable.
+    Returns:
+        The validated :class:`MHCConfig`.
+    Raises:
+        TypeError: an unknown option (with the valid names), both ``config`` and options, a bad type.
+        ValueError: a value out of range or not among the choices.
+    """
+    options = dict(options or {})
+    check_option_names(options, extra=("filter_fn",))
+    check_filter_fn(filter_fn)
+    if config is None:
+        return MHCConfig(**({} if n is None else {"n": n}), **options)
+    if not isinstance(config, MHCConfig):
+        raise TypeError(f"config must be an MHCConfig, got {type(config).__name__}")
+    if n is not None or options:
+        raise TypeError("pass either config=MHCConfig(...) or n=/keyword options, not both")
+    return config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one command-line flag per option of :class:`MHCConfig` (``--sinkhorn-iters``, ``--static``, ...)."""
+    for f in fields(MHCConfig):
+        meta = f.metadata
+        if isinstance(f.default, bool):
+            flag = meta.get("flag", "--no-" + f.name.replace("_", "-") if f.default else "--" + f.name)
+            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                                help=meta.get("flag_help", meta["help"]))
+            continue
+        bounds = f", {meta['low']} to {meta['high']}" if "high" in meta else ""
+        parser.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, type=type(f.default),
+                            default=f.default, choices=meta.get("choices"),
+                            help=f"{meta['help']} (default {f.default}{bounds})")
+
+
+def config_from_args(args: argparse.Namespace) -> MHCConfig:
+    """The :class:`MHCConfig` of parsed command-line flags (see :func:`add_config_arguments`)."""
+    return MHCConfig(**{name: getattr(args, name) for name in option_names()})

@@ -8,49 +8,29 @@ smallest module holding every rewritten residual chain) runs a graph traced and 
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import warnings
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import fx, nn
 
-from mhc_rewrite.passes import find_residual_sites, group_chains, lower_fused, rewrite_mhc
+from mhc_rewrite.passes import FindResidualSites, GroupChains, RewriteMHC
 from mhc_rewrite.passes.rewrite_mhc import param_keys
 from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
 
 from .checkpointing import checkpoint_units, record_checkpoints
-from .config import MHCConfig
-from .errors import MHCRewriteError, TraceError
+from .config import MHCConfig, resolve_config
+from .errors import MHCRewriteError
+from .pipeline import lower, run_analysis, run_passes, run_pipeline
 from .region import RegionState, converted_class, find_region, original_module, shallow_clone
 from .saving import example_input_spec
 from .site_params import MHCSiteParams
 from .trace import split_example_inputs, trace, trace_call
 
 log = logging.getLogger(__name__)
-
-
-def _resolve_config(n: Optional[int], config: Optional[MHCConfig], options: dict) -> MHCConfig:
-    if config is None:
-        return MHCConfig(n=4 if n is None else n, **options)
-    if not isinstance(config, MHCConfig):
-        raise TypeError(f"config must be an MHCConfig, got {type(config).__name__}")
-    if n is not None or options:
-        raise TypeError("pass either config=MHCConfig(...) or n=/keyword options, not both")
-    return config
-
-
-def _run(name: str, fn, *args) -> None:
-    """Run one pass; failures that are not ours get the pass's name."""
-    try:
-        fn(*args)
-    except MHCRewriteError:
-        raise
-    except Exception as exc:
-        raise MHCRewriteError(f"the {name} pass failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _without_cache(model: nn.Module, example_inputs: Any) -> Any:
@@ -74,11 +54,6 @@ def trace_unconverted(model: nn.Module, example_inputs: Any = None) -> fx.GraphM
     return trace(model, example_inputs)
 
 
-def _analyse(model: nn.Module, example_inputs: Any, config: MHCConfig) -> fx.GraphModule:
-    gm = trace_unconverted(model, example_inputs)
-    _run("find_residual_sites", find_residual_sites, gm, config.filter_fn)
-    _run("group_chains", group_chains, gm)
-    return gm
 
 
 def _check_runs(model: nn.Module, example_inputs: Any) -> None:
@@ -94,13 +69,14 @@ def _check_runs(model: nn.Module, example_inputs: Any) -> None:
                               f"{type(exc).__name__}: {exc}") from exc
 
 
-def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> list[SiteInfo]:
+def find_residuals(model: nn.Module, example_inputs: Any = None, *, filter_fn=None, **options) -> list[SiteInfo]:
     """List the residual sites of ``model`` without rewriting anything.
 
     Args:
         model: the model to analyse (traced like :func:`convert` does).
         example_inputs: as for :func:`convert`.
-        **options: :class:`MHCConfig` options (``filter_fn`` decides which sites would be rewritten).
+        filter_fn: ``filter_fn(site) -> bool`` decides which sites would be rewritten (as for :func:`convert`).
+        **options: :class:`MHCConfig` options, validated as :func:`convert` does.
     Returns:
         One :class:`SiteInfo` per site, in graph order, with its module path, chain and branch size, and
         whether :func:`convert` would rewrite it (or why not).
@@ -109,8 +85,8 @@ def find_residuals(model: nn.Module, example_inputs: Any = None, **options) -> l
         >>> sites = mhc_rewrite.find_residuals(model)
         >>> [s.module_path for s in sites if s.rewritten]
     """
-    gm = _analyse(model, example_inputs, MHCConfig(**options))
-    return [site.info() for site in gm.meta["mhc_sites"]]
+    resolve_config(options=options, filter_fn=filter_fn)
+    return [site.info() for site in run_analysis(trace_unconverted(model, example_inputs), filter_fn).sites]
 
 
 def _refuse_converted(model: nn.Module) -> None:
@@ -147,18 +123,15 @@ def _relative(path: str, region: str) -> str:
     return "" if path == region else path[len(region) + 1:]
 
 
-def _graph_convert(model: nn.Module, example_inputs: Any, config: MHCConfig) -> nn.Module:
+def _graph_convert(model: fx.GraphModule, example_inputs: Any, config: MHCConfig, filter_fn) -> nn.Module:
     """The graph-level rewrite: a ``GraphModule`` with the mHC ops, sharing ``model``'s parameters."""
-    gm = _analyse(model, example_inputs, config)
-    sites = gm.meta["mhc_sites"]
-    if not any(site.rewrite for site in sites):
-        _warn_nothing(model, sites)
+    gm, analysis = run_pipeline(trace(model, example_inputs), config, filter_fn)
+    if not analysis.rewritten:
+        _warn_nothing(model, analysis.sites)
         return model
-    _run("rewrite_mhc", rewrite_mhc, gm, config)
-    del gm.meta["mhc_sites"]  # graph-level records hold nodes; users get the plain SiteInfo records
-    gm.mhc_sites = [site.info() for site in sites if site.rewrite]
-    gm.mhc_skipped = [site.info() for site in sites if not site.rewrite]
-    gm.mhc_config = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
+    gm.mhc_sites = [site.info() for site in analysis.sites if site.rewrite]
+    gm.mhc_skipped = [site.info() for site in analysis.sites if not site.rewrite]
+    gm.mhc_config = config
     gm.mhc_model_name = type(model).__name__
     return gm
 
@@ -197,10 +170,10 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
         gm = trace_call(region, args, kwargs, recorder=recorder)
     tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
     units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call
-    gm.mhc = region.mhc  # reuse, never create: rewrite_mhc finds every site's parameters here
-    _run("find_residual_sites", find_residual_sites, gm, None)
-    sites = gm.meta["mhc_sites"]
-    for site, key in param_keys(sites).items():
+    gm.mhc = region.mhc  # reuse, never create: the rewrite finds every site's parameters here
+    find = FindResidualSites()
+    run_passes([find], gm)
+    for site, key in param_keys(find.analysis.sites).items():
         site.rewrite = key in region.mhc
         if not site.rewrite and site.has_params and not site.skip_reason:
             raise MHCRewriteError(
@@ -209,11 +182,9 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
                 "model in the mode and with the inputs it is trained with"
             )
         site.skip_reason = site.skip_reason or ("" if site.rewrite else "not rewritten at conversion")
-    _run("group_chains", group_chains, gm)
-    _run("rewrite_mhc", rewrite_mhc, gm, state.config)
-    del gm.meta["mhc_sites"]
+    run_passes([GroupChains(find.analysis), RewriteMHC(state.config, find.analysis)], gm)
     if state.lowered:
-        lower_fused(gm)
+        lower(gm)
     if units:  # checkpointed layers stay checkpointed, their mHC ops with them
         gm = checkpoint_units(gm, units)
     if state.path:  # module paths as in the whole model, for the inspect views
@@ -237,6 +208,7 @@ def convert(
     *,
     example_inputs: Any = None,
     config: Optional[MHCConfig] = None,
+    filter_fn: Optional[Callable[[ResidualSite], bool]] = None,
     **options,
 ) -> nn.Module:
     """Rewrite every residual ``x + f(x)`` of ``model`` into an identity-initialised n-stream mHC block.
@@ -259,8 +231,9 @@ def convert(
             ``symbolic_trace`` fails (Hugging Face models). The model is run once on them (no grad, buffers and
             RNG untouched): inputs it cannot run are an error with the model's own message.
         config: an :class:`MHCConfig`, instead of ``n`` and keyword options.
-        **options: the other :class:`MHCConfig` fields: ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``,
-            ``filter_fn``.
+        filter_fn: ``filter_fn(site) -> bool`` picks the sites to rewrite (it must return a bool); by default a
+            site is rewritten when its branch holds a parameterised op.
+        **options: the other :class:`MHCConfig` fields: ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``.
     Returns:
         The converted model (same class as ``model``): its mHC parameters live under ``<region>.mhc.<site>``,
         ``mhc_sites``/``mhc_skipped`` list the sites and ``mhc_config`` the options; or ``model`` itself, with a
@@ -270,19 +243,15 @@ def convert(
         >>> model = mhc_rewrite.convert(model, n=4)
         >>> model.mhc_sites[0].module_path
     """
-    config = _resolve_config(n, config, options)
+    config = resolve_config(n, config, options, filter_fn)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
     _refuse_converted(model)
     if isinstance(model, fx.GraphModule):
-        return _graph_convert(model, example_inputs, config)
+        return _graph_convert(model, example_inputs, config, filter_fn)
     if example_inputs is not None:
         _check_runs(model, example_inputs)
-    try:
-        gm = _analyse(model, example_inputs, config)
-    except TraceError:
-        raise
-    sites: list[ResidualSite] = gm.meta["mhc_sites"]
+    sites = run_analysis(trace_unconverted(model, example_inputs), filter_fn).sites
     rewritten = [site for site in sites if site.rewrite]
     if not rewritten:
         _warn_nothing(model, sites)
@@ -296,8 +265,7 @@ def convert(
     path = _region_path(rewritten)
     root, region = shallow_clone(model, path)
     region.__class__ = converted_class(type(region))
-    record = dataclasses.replace(config, filter_fn=None)  # picklable record of the options
-    region.__dict__["_mhc_state"] = RegionState(record, path)
+    region.__dict__["_mhc_state"] = RegionState(config, path)
     region.mhc = nn.ModuleDict()
     inside = [s for s in sites if not path or s.module_path == path or s.module_path.startswith(path + ".")]
     keys = param_keys(inside, lambda s: _relative(s.module_path, path))
@@ -308,19 +276,15 @@ def convert(
         site.param_name = f"{path + '.' if path else ''}mhc.{key}"
     root.mhc_sites = [site.info() for site in rewritten]
     root.mhc_skipped = [site.info() for site in sites if not site.rewrite]
-    root.mhc_config = record
+    root.mhc_config = config
     root.mhc_model_name = type(model).__name__
     if getattr(root, "generation_config", None) is not None:
         root.generation_config.use_cache = False  # a converted region runs without a key-value cache
     if getattr(root, "config", None) is not None and hasattr(root.config, "to_dict"):
         # written by save_pretrained, read back (and validated) by mhc_rewrite.from_pretrained
-        root.config.mhc_rewrite = {**config_record(record, path), "example_inputs": example_input_spec(example_inputs)}
+        root.config.mhc_rewrite = {**config.to_dict(), "region": path,
+                                   "example_inputs": example_input_spec(example_inputs)}
     log.info("rewrote %d residual site(s) in %d chain(s) inside %s", len(rewritten),
              len({s.chain for s in rewritten}), path or "the model root")
     return root
 
-
-def config_record(config: MHCConfig, region_path: str) -> dict:
-    """The options of a conversion as plain data (saved with the model, validated when loaded)."""
-    record = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "filter_fn"}
-    return {**record, "region": region_path}

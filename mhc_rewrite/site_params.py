@@ -18,7 +18,8 @@ RES_DIAGONAL_LOGIT = 1.0
 def pre_weights(n: int, favoured: int) -> torch.Tensor:
     """Non-uniform read weights summing to 1: stream ``favoured`` gets 2/(n+1), the others 1/(n+1).
 
-    Uniform weights would leave every stream with the same gradient (SPEC §2); favouring stream
+    Uniform weights would leave every stream with the same gradient, so equal streams stay equal and
+    ``H_res`` never learns (its gradient is zero while they are); favouring stream
     ``layer mod n`` (as the HC paper does) breaks that symmetry without changing the function.
     """
     w = torch.full((n,), 1.0 / (n + 1), dtype=torch.float64)

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 
@@ -68,10 +69,20 @@ def _buffers_kept(module: nn.Module):
                 buf.copy_(value)
 
 
+def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``.
+
+    A ``torch.export`` module flattens its inputs with its pytree spec; a symbolically traced one has one
+    placeholder per argument, keyword inputs matched by name.
+    """
+    if getattr(gm, "_in_spec", None) is not None:
+        return pytree.tree_leaves((args, kwargs))
+    names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
+    return list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
+
+
 def _propagate_fake_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    if kwargs:
-        names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
-        args = args + tuple(kwargs[name] for name in names[len(args):] if name in kwargs)
+    args = flatten_inputs(gm, args, kwargs)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     try:

@@ -5,6 +5,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on the 
 
 import torch._functorch.config  # noqa: E402
 
-# Inductor must call the triton_ops as ops under the interpreter, not compile their kernels for the CPU (SPEC §3)
+# Inductor must call the triton_ops as ops under the interpreter, not compile their kernels for the CPU
+# (README: the mhc backend on CPU)
 torch._functorch.config.decompose_custom_triton_ops = False
 sys.path.insert(0, os.path.dirname(__file__))  # tests/models.py

@@ -60,8 +60,8 @@ def test_unconverted_model_with_grad_is_refused():
 def test_unconverted_model_under_no_grad_is_rewritten_for_inference(monkeypatch):
     gpt, idx = _gpt()
     lowered = []
-    monkeypatch.setattr(mhc_rewrite.backend, "lower_fused",
-                        lambda gm: (lowered.append(gm), mhc_rewrite.passes.lower_fused(gm))[1])
+    monkeypatch.setattr(mhc_rewrite.backend, "lower",
+                        lambda gm: (lowered.append(gm), mhc_rewrite.pipeline.lower(gm))[1])
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = torch.compile(gpt, backend="mhc")(idx)

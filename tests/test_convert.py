@@ -13,7 +13,7 @@ from mhc_rewrite.region import region_call
 
 from models import GPT, GPTConfig, ParallelNet, PostNormNet, ResidualMLP, ResNetish, hf_gpt2, hf_llama
 
-TOL = 1e-5  # fp32 relative error allowed at init (SPEC §2)
+TOL = 1e-5  # fp32 relative error allowed at init (README: identity init)
 
 
 def rel_err(got, want):
@@ -128,7 +128,7 @@ class _StreamRecorder(fx.Interpreter):
 
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_streams_learn_to_differ_and_h_res_gets_gradient(dynamic):
-    """SPEC §2's symmetry trap: equal streams and uniform gates would keep H_res frozen forever.
+    """The symmetry trap: equal streams and uniform gates would keep H_res frozen forever.
 
     Two H_res are inert by construction, in any mHC with a copy-expand and a mean-reduce: the chain's first
     (it mixes identical copies) and its last (the mean of H_res·X is the mean of X when the columns sum to 1).

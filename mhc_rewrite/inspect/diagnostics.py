@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from ..passes.sites import SiteInfo
 from ..region import region_call
+from ..trace import flatten_inputs
 
 
 def amax_gain(matrix: torch.Tensor) -> tuple[float, float]:
@@ -112,14 +112,6 @@ class _MapRecorder(fx.Interpreter):
         return out
 
 
-def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    in_spec = getattr(gm, "_in_spec", None)
-    if in_spec is not None:  # torch.export module: inputs are flattened by its pytree spec
-        return pytree.tree_leaves((args, kwargs))
-    names = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
-    return list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
-
-
 @torch.no_grad()
 def stream_diagnostics(gm: fx.GraphModule, *args, **kwargs) -> StreamDiagnostics:
     """Run a converted model on a batch and collect its mean mHC maps and Amax gains.
@@ -140,7 +132,7 @@ def stream_diagnostics(gm: fx.GraphModule, *args, **kwargs) -> StreamDiagnostics
         raise ValueError("stream_diagnostics needs a model returned by mhc_rewrite.convert (it has no mhc_sites)")
     prefix = ""
     if isinstance(gm, fx.GraphModule):
-        graph, inputs = gm, _flat_inputs(gm, args, kwargs)
+        graph, inputs = gm, flatten_inputs(gm, args, kwargs)
     else:  # a converted model: the graph its region runs for these inputs
         region, graph, inputs = region_call(gm, args, kwargs)
         path = region.__dict__["_mhc_state"].path

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..config import MHCConfig
+from ..config import MHCConfig, resolve_config
 from ..convert import find_residuals
 from ..passes.sites import SiteInfo
 from .text import sites_table
@@ -47,8 +47,7 @@ class Report:
         return self.summary() + "\n\n" + sites_table(self.sites)
 
     def to_dict(self) -> dict[str, Any]:
-        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "filter_fn"}
-        out = {"model": self.model, "converted": self.converted, "config": config,
+        out = {"model": self.model, "converted": self.converted, "config": self.config.to_dict(),
                "summary": {"sites": len(self.sites), "rewritten": len(self.rewritten),
                            "chains": len({s.chain for s in self.rewritten}), "new_parameters": self.new_parameters},
                "sites": [dataclasses.asdict(s) for s in self.sites]}
@@ -60,7 +59,8 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-def explain(model: nn.Module, example_inputs: Any = None, n: Optional[int] = None, **options) -> Report:
+def explain(model: nn.Module, example_inputs: Any = None, n: Optional[int] = None, *, filter_fn=None,
+            **options) -> Report:
     """Describe the residual sites of ``model``: found, rewritten or skipped and why.
 
     Args:
@@ -68,6 +68,7 @@ def explain(model: nn.Module, example_inputs: Any = None, n: Optional[int] = Non
             (described from what was done; ``n`` and options must then be left out).
         example_inputs: as for :func:`mhc_rewrite.convert`.
         n, **options: :class:`MHCConfig` options for an unconverted model.
+        filter_fn: as for :func:`mhc_rewrite.convert`, for an unconverted model.
     Returns:
         A :class:`Report`; ``print(report)`` shows the table, ``report.to_json()`` the data.
 
@@ -76,12 +77,11 @@ def explain(model: nn.Module, example_inputs: Any = None, n: Optional[int] = Non
     """
     name = type(model).__name__
     if hasattr(model, "mhc_sites"):
-        if n is not None or options:
+        if n is not None or options or filter_fn is not None:
             raise TypeError("explain() of a converted model describes what was done: pass no n or options")
         sites = sorted(model.mhc_sites + model.mhc_skipped, key=lambda s: s.index)
         new = sum(p.numel() for name_, p in model.named_parameters()
                   if name_.startswith("mhc.") or ".mhc." in name_)
         return Report(getattr(model, "mhc_model_name", name), True, model.mhc_config, sites, new_parameters=new)
-    config = MHCConfig(n=4 if n is None else n, **options)
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    return Report(name, False, config, find_residuals(model, example_inputs, **options))
+    config = resolve_config(n, None, options, filter_fn)
+    return Report(name, False, config, find_residuals(model, example_inputs, filter_fn=filter_fn, **config.to_dict()))

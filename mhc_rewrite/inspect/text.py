@@ -6,6 +6,7 @@ from typing import Iterable
 
 from torch import fx
 
+from ..passes.nodes import module_paths
 from ..passes.sites import SiteInfo
 from ..region import converted_graph
 
@@ -38,8 +39,8 @@ def sites_table(sites: Iterable[SiteInfo]) -> str:
 
 def in_module(node: fx.Node, module_path: str) -> bool:
     """True when ``node`` runs inside ``module_path`` (or belongs to an mHC site of it)."""
-    paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-    if node.op in ("call_module", "get_attr"):
+    paths = module_paths(node)
+    if node.op == "get_attr":
         paths.append(node.target)
     paths.append(node.meta.get("mhc", {}).get("module_path", ""))
     return any(p == module_path or p.startswith(module_path + ".") for p in paths if p)

@@ -1,15 +1,20 @@
-"""The graph passes of mhc_rewrite, in pipeline order; each is ``GraphModule -> PassResult``.
+"""The graph passes of mhc_rewrite, in pipeline order; each a ``torch.fx`` ``PassBase`` with its options at
+construction, composed by ``mhc_rewrite.pipeline``:
 
-    find_residual_sites   add(x, f(x)) where x is an ancestor of f(x), seen through no-ops
-    group_chains          sites on the same residual stream share one n-stream tensor
-    rewrite_mhc           expand at each chain head, mHC ops at each site, reduce where the stream leaves
-    lower_fused           reference mHC ops -> fused Triton ops (triton_op: Inductor schedules them on CUDA)
+    FindResidualSites(filter_fn)    add(x, f(x)) where x is an ancestor of f(x), seen through no-ops
+    GroupChains(analysis)           sites on the same residual stream share one n-stream tensor
+    RewriteMHC(config, analysis)    expand at each chain head, mHC ops at each site, reduce where the stream leaves
+    LowerFused()                    reference mHC ops -> fused Triton ops (triton_op: Inductor schedules them on CUDA)
+
+The find and group passes fill one typed ``SiteAnalysis``; ``requires`` checks refuse a pass run out of order.
 """
 
-from .find_residual_sites import find_residual_sites
-from .group_chains import group_chains
-from .lower_fused import lower_fused
-from .rewrite_mhc import rewrite_mhc
+from .base import MHCPass, PassOrderError, SiteAnalysis
+from .find_residual_sites import FindResidualSites
+from .group_chains import GroupChains
+from .lower_fused import LowerFused, lower_fused
+from .rewrite_mhc import RewriteMHC
 from .sites import ResidualSite, SiteInfo
 
-__all__ = ["ResidualSite", "SiteInfo", "find_residual_sites", "group_chains", "lower_fused", "rewrite_mhc"]
+__all__ = ["FindResidualSites", "GroupChains", "LowerFused", "MHCPass", "PassOrderError", "ResidualSite",
+           "RewriteMHC", "SiteAnalysis", "SiteInfo", "lower_fused"]

@@ -6,8 +6,9 @@ A branch is the set of nodes between the stream and the branch output; it is fou
 branch output over nodes that come after the stream in graph order, so the total work is the sum of the
 branch sizes, linear in the graph for models made of blocks.
 
-Result: ``gm.meta["mhc_sites"]``, a list of ``ResidualSite`` in graph order (sites the config skips are
-kept with ``rewrite=False`` and a ``skip_reason``). The graph itself is not modified.
+Result: ``FindResidualSites(filter_fn)`` fills a ``SiteAnalysis`` (``pass_.analysis``) with a list of
+``ResidualSite`` in graph order (sites the filter skips are kept with ``rewrite=False`` and a ``skip_reason``).
+The graph itself is not modified.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from .base import MHCPass, SiteAnalysis
 from .channel_axis import locate_channel_axis
-from .noop import noop_sources
-from .sites import ResidualSite
+from .nodes import module_paths
+from .noop import noop_sources, same_shape
+from .sites import ResidualSite, ask_filter
 
 aten = torch.ops.aten
 _ADDS = {operator.add, torch.add, aten.add.Tensor}
@@ -67,13 +70,6 @@ def _has_params(body: list[fx.Node], gm: fx.GraphModule) -> bool:
     return False
 
 
-def _module_stack(node: fx.Node) -> list[str]:
-    stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-    if node.op == "call_module":
-        stack.append(node.target)
-    return stack
-
-
 def _child_of(stack: list[str], scope: list[str]) -> Optional[str]:
     inner = [path for path in stack if path not in scope]
     return inner[0] if inner else None
@@ -85,11 +81,11 @@ def _site_module_path(add: fx.Node, body: list[fx.Node], out: fx.Node, all_paths
     Within the add's own module: the child module that produced the branch output when it is a composite
     module (attention, MLP); else the only child the branch touches; else the add's module itself.
     """
-    scope = _module_stack(add)
-    child = _child_of(_module_stack(out), scope)
+    scope = module_paths(add)
+    child = _child_of(module_paths(out), scope)
     if child is not None and any(path.startswith(child + ".") for path in all_paths):
         return child
-    children = {c for c in (_child_of(_module_stack(node), scope) for node in body) if c is not None}
+    children = {c for c in (_child_of(module_paths(node), scope) for node in body) if c is not None}
     if len(children) == 1:
         return children.pop()
     return scope[-1] if scope else ""
@@ -99,7 +95,7 @@ def _same_shapes(*nodes: fx.Node) -> bool:
     vals = [node.meta.get("val") for node in nodes]
     if not all(isinstance(v, torch.Tensor) for v in vals):
         return True  # no shape information: trust the structure
-    return all(v.shape == vals[0].shape for v in vals)
+    return all(same_shape(v, vals[0]) for v in vals)
 
 
 def _match_residual(add: fx.Node, gm, order) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]]:
@@ -112,18 +108,19 @@ def _match_residual(add: fx.Node, gm, order) -> Optional[tuple[fx.Node, fx.Node,
     return None
 
 
-def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[ResidualSite], bool]] = None) -> PassResult:
-    """Find the residual sites of ``gm`` and store them in ``gm.meta["mhc_sites"]``.
+def find_residual_sites(gm: fx.GraphModule,
+                        filter_fn: Optional[Callable[[ResidualSite], bool]] = None) -> list[ResidualSite]:
+    """Find the residual sites of ``gm``.
 
     Args:
         gm: a traced graph (``symbolic_trace`` or the module of ``torch.export``).
         filter_fn: ``filter_fn(site) -> bool`` chooses the sites to rewrite; by default the sites whose
             branch holds a parameterised op.
     Returns:
-        ``PassResult(gm, modified=False)``.
+        The sites, in graph order.
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    all_paths = {path for node in gm.graph.nodes for path in _module_stack(node)}
+    all_paths = {path for node in gm.graph.nodes for path in module_paths(node)}
     sites: list[ResidualSite] = []
     by_output: dict[fx.Node, ResidualSite] = {}
     for add in gm.graph.nodes:
@@ -152,7 +149,7 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
                 break
     for site in sites:
         locate_channel_axis(site, gm)
-        if filter_fn is not None and not filter_fn(site):
+        if filter_fn is not None and not ask_filter(filter_fn, site):
             site.rewrite, site.skip_reason = False, "excluded by filter_fn"
         elif filter_fn is None and not site.has_params:
             site.rewrite, site.skip_reason = False, "branch has no parameterised op"
@@ -164,5 +161,28 @@ def find_residual_sites(gm: fx.GraphModule, filter_fn: Optional[Callable[[Residu
         nested = sorted({inner_adds[node].index for node in site.body if node in inner_adds})
         if site.rewrite and nested:
             site.rewrite, site.skip_reason = False, f"contains rewritten residual site(s) {nested}"
-    gm.meta["mhc_sites"] = sites
-    return PassResult(gm, False)
+    return sites
+
+
+class FindResidualSites(MHCPass):
+    """The find pass: fills ``self.analysis`` with the residual sites of the graph; the graph is not modified.
+
+    Args:
+        filter_fn: ``filter_fn(site) -> bool`` chooses the sites to rewrite (None: the sites whose branch holds a
+            parameterised op).
+        analysis: the ``SiteAnalysis`` to fill (a new one by default); later passes are given the same object.
+    """
+
+    def __init__(self, filter_fn: Optional[Callable[[ResidualSite], bool]] = None,
+                 analysis: Optional[SiteAnalysis] = None):
+        self.filter_fn = filter_fn
+        self.analysis = analysis if analysis is not None else SiteAnalysis()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        self.analysis.sites = find_residual_sites(graph_module, self.filter_fn)
+        self.analysis.graph, self.analysis.grouped, self.analysis.rewritten = graph_module.graph, False, False
+        return PassResult(graph_module, False)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        for site in self.analysis.sites:
+            assert all(node.graph is graph_module.graph for node in [site.stream, *site.add_nodes, *site.body])

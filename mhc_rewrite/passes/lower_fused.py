@@ -1,36 +1,98 @@
-"""Pass: lower the reference mHC ops of a rewritten graph to the fused ``triton_op``s.
+"""Pass: lower the reference mHC ops of a rewritten graph to the fused ``triton_op``s, by pattern.
 
     coefficients(X, phi, alpha, bias, ...) + pre_mix(X, h_pre)   ->  fused_pre_mix(X, phi, alpha, bias, ...)
     post_res_mix(X, f, h_post, h_res)                            ->  fused_post_res_mix(X, f, h_post, h_res)
 
-Only dynamic sites fuse the coefficients (static ones keep ``coefficients`` on ``[n]`` and the reference pre-mix).
-The fused ops run Triton kernels on CUDA and their PyTorch reference elsewhere, so a lowered graph runs anywhere;
-under Inductor on CUDA the kernels are visible to the scheduler. Works on ``convert()``'s output and on Dynamo
-graphs (it matches op overloads and packets). Ends with ``graph.lint()`` and ``recompile()``.
+The patterns are replaced with ``torch.fx.subgraph_rewriter.replace_pattern_with_filters``. Only dynamic sites
+fuse the coefficients (a static site's ``coefficients`` reads no streams: its first argument is None, and a filter
+keeps such matches out, so it keeps the reference pre-mix); a ``h_pre`` read elsewhere as well is
+left alone too (the matcher refuses a pattern whose inner values escape). The fused ops run Triton kernels on CUDA
+and their PyTorch reference elsewhere, so a lowered graph runs anywhere; under Inductor on CUDA the kernels are
+visible to the scheduler. Works on ``convert()``'s output and on Dynamo graphs (op packets are first resolved to
+their overload). New nodes get ``meta["val"]`` when the graph has fake values, and the module stack and mHC role
+of the nodes they replace.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
+from .base import MHCPass
+
+log = logging.getLogger(__name__)
 mhc = torch.ops.mhc
+_PACKETS = (mhc.coefficients, mhc.pre_mix, mhc.post_res_mix)
 
 
-def _is(node: fx.Node, packet) -> bool:
-    target = node.target
-    return node.op == "call_function" and (target is packet or getattr(target, "_overloadpacket", None) is packet)
+def _pre_mix_pattern(x, phi, alpha, bias):
+    coeffs = mhc.coefficients.default(x, phi, alpha, bias, 4, 20, "mhc")  # literals: matched by the callback
+    return mhc.pre_mix.default(x, coeffs[0]), coeffs[1], coeffs[2]
 
 
-def _outputs(node: fx.Node) -> dict[int, list[fx.Node]]:
-    found: dict[int, list[fx.Node]] = {}
-    for user in node.users:
-        if user.op == "call_function" and user.target is operator.getitem:
-            found.setdefault(user.args[1], []).append(user)
-    return found
+def _fused_pre_mix_graph(match, original_graph: fx.Graph, pattern_graph: fx.Graph) -> fx.Graph:
+    """The replacement of one match, with the matched call's literals (n, Sinkhorn rounds, mode)."""
+    coeffs = _matched(match, mhc.coefficients.default)
+    literals = coeffs.args[4:]
+    graph = fx.Graph()
+    x, phi, alpha, bias = (graph.placeholder(name) for name in ("x", "phi", "alpha", "bias"))
+    fused = graph.call_function(mhc.fused_pre_mix.default, (x, phi, alpha, bias, *literals), dict(coeffs.kwargs))
+    items = [graph.call_function(operator.getitem, (fused, i)) for i in (0, 2, 3)]  # block input, h_post, h_res
+    graph.output(tuple(items))
+    return graph
+
+
+def _post_res_mix_pattern(x, f, h_post, h_res):
+    return mhc.post_res_mix.default(x, f, h_post, h_res)
+
+
+def _fused_post_res_mix(x, f, h_post, h_res):
+    return mhc.fused_post_res_mix.default(x, f, h_post, h_res)
+
+
+def _matched(match, target) -> fx.Node:
+    return next(node for pattern_node, node in match.nodes_map.items() if pattern_node.target is target)
+
+
+def _dynamic_site(match, original_graph, pattern_graph) -> bool:
+    """The coefficients read the same streams as the pre-mix (a static site's read None, which the literal-blind
+    matcher would otherwise let through)."""
+    streams = _matched(match, mhc.coefficients.default).args[0]
+    return isinstance(streams, fx.Node) and streams is _matched(match, mhc.pre_mix.default).args[0]
+
+
+def _resolve_packets(graph: fx.Graph) -> None:
+    """Dynamo may record ``torch.ops.mhc.pre_mix`` (the packet): use its one overload so the patterns match."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _PACKETS:
+            node.target = node.target.default
+
+
+def _annotate(graph: fx.Graph, replaced: list, fake_mode) -> None:
+    """Give the new nodes the provenance of the nodes they replace and, in graph order, fake values."""
+    new: dict[fx.Node, fx.Node] = {}  # new node -> the original node its pattern's anchor matched
+    for one in replaced:
+        new.update(dict.fromkeys(one.replacements, one.nodes_map[one.anchor]))
+    for node in graph.nodes:
+        if node not in new:
+            continue
+        for key in ("nn_module_stack", "mhc", "stack_trace"):
+            if key in new[node].meta:
+                node.meta.setdefault(key, new[node].meta[key])
+        if fake_mode is None:
+            continue
+        try:
+            args = [a.meta["val"] if isinstance(a, fx.Node) else a for a in node.args]
+            with fake_mode, torch.no_grad():
+                node.meta["val"] = node.target(*args, **node.kwargs)
+        except Exception as exc:  # an input without a value: leave this node without one
+            log.debug("no fake value for %s: %s", node.name, exc)
 
 
 def lower_fused(gm: fx.GraphModule) -> PassResult:
@@ -46,35 +108,25 @@ def lower_fused(gm: fx.GraphModule) -> PassResult:
         from mhc_rewrite.region import lower_region  # the region module imports the passes
 
         return lower_region(gm, lower_fused)
-    graph, modified = gm.graph, False
-    for node in list(graph.nodes):
-        if _is(node, mhc.coefficients) and node.args[0] is not None:
-            streams = node.args[0]
-            outs = _outputs(node)
-            pre_mixes = [u for h in outs.get(0, []) for u in h.users
-                         if _is(u, mhc.pre_mix) and u.args[0] is streams]
-            with graph.inserting_before(node):
-                fused = graph.call_function(mhc.fused_pre_mix.default, node.args, node.kwargs)
-                fused.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-                items = [graph.call_function(operator.getitem, (fused, i)) for i in range(4)]
-            for pre in pre_mixes:
-                pre.replace_all_uses_with(items[0])
-                graph.erase_node(pre)
-            for index, getters in outs.items():
-                for getter in getters:
-                    getter.replace_all_uses_with(items[index + 1])
-                    graph.erase_node(getter)
-            graph.erase_node(node)
-            modified = True
-        elif _is(node, mhc.post_res_mix):
-            with graph.inserting_before(node):
-                fused = graph.call_function(mhc.fused_post_res_mix.default, node.args, node.kwargs)
-            fused.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-            node.replace_all_uses_with(fused)
-            graph.erase_node(node)
-            modified = True
-    if modified:
-        graph.eliminate_dead_code()
-        graph.lint()
+    _resolve_packets(gm.graph)
+    fake_mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.nodes])
+    replaced = replace_pattern_with_filters(gm, _pre_mix_pattern, match_filters=[_dynamic_site],
+                                            ignore_literals=True, replacement_callback=_fused_pre_mix_graph)
+    replaced += replace_pattern_with_filters(gm, _post_res_mix_pattern, _fused_post_res_mix)
+    _annotate(gm.graph, replaced, fake_mode)
+    if replaced:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
         gm.recompile()
-    return PassResult(gm, modified)
+    return PassResult(gm, bool(replaced))
+
+
+class LowerFused(MHCPass):
+    """The lower pass: reference mHC ops -> fused ``triton_op``s, in place (see the module docstring)."""
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        return lower_fused(graph_module)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        left = [node.name for node in graph_module.graph.nodes if node.target is mhc.post_res_mix.default]
+        assert not left, f"post_res_mix left unfused: {left}"

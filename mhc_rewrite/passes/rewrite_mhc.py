@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from ..config import MHCConfig
 from ..errors import MHCRewriteError
 from ..site_params import MHCSiteParams
+from .base import MHCPass, SiteAnalysis
 from .sites import ResidualSite
 
 log = logging.getLogger(__name__)
@@ -122,20 +123,22 @@ def _device(site: ResidualSite, gm: fx.GraphModule) -> torch.device:
     return next(gm.parameters(), torch.empty(0)).device
 
 
-def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
-    """Rewrite the sites of ``gm.meta["mhc_sites"]`` marked ``rewrite`` (after ``group_chains``).
+def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]) -> bool:
+    """Rewrite the ``sites`` marked ``rewrite`` (grouped into chains by ``GroupChains``).
 
     Args:
         gm: the traced graph module; modified in place.
         config: the conversion options.
+        sites: the sites of ``gm``.
     Returns:
-        ``PassResult(gm, modified)``; modified is False when no site is rewritten.
+        Whether the graph was modified (False when no site is to be rewritten).
     Raises:
         MHCRewriteError: a site's channel size is unknown (trace with ``example_inputs``).
     """
-    sites = [site for site in gm.meta["mhc_sites"] if site.rewrite]
+    keys = param_keys(sites)  # counted over every site found, rewritten or not
+    sites = [site for site in sites if site.rewrite]
     if not sites:
-        return PassResult(gm, False)
+        return False
     graph = gm.graph
     fake_mode = detect_fake_mode([node.meta.get("val") for node in graph.nodes])
     if not hasattr(gm, "mhc"):
@@ -143,7 +146,6 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
     stream_out: dict[ResidualSite, fx.Node] = {}  # site -> its n-stream output
     expanded: dict[tuple, fx.Node] = {}  # (chain-head stream, channel axis) -> its n-stream tensor
     reduced: dict[fx.Node, fx.Node] = {}  # erased site output -> the reduce that replaced it
-    keys = param_keys(gm.meta["mhc_sites"])
     for site in sites:
         if site.channels is None:
             raise MHCRewriteError(
@@ -196,4 +198,37 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig) -> PassResult:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return PassResult(gm, True)
+    return True
+
+
+class RewriteMHC(MHCPass):
+    """The rewrite pass: one expand per chain, the mHC ops at each site, a reduce where a stream leaves its chain.
+
+    Args:
+        config: the conversion options.
+        analysis: the ``SiteAnalysis`` that ``FindResidualSites`` filled and ``GroupChains`` grouped.
+    """
+
+    def __init__(self, config: MHCConfig, analysis: SiteAnalysis):
+        self.config, self.analysis = config, analysis
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        self.require(self.analysis.graph is graph_module.graph, "FindResidualSites",
+                     "there are no residual sites of this graph to rewrite")
+        self.require(not self.analysis.rewritten, "FindResidualSites",
+                     "these sites are already rewritten; find them again on the rewritten graph")
+        self.require(self.analysis.grouped, "GroupChains",
+                     "the sites are not grouped into chains, so every site would expand and reduce its own streams")
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        modified = rewrite_mhc(graph_module, self.config, self.analysis.sites)
+        self.analysis.rewritten = modified
+        return PassResult(graph_module, modified)
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        live = set(graph_module.graph.nodes)
+        sites = self.analysis.to_rewrite
+        assert not any(add in live for site in sites for add in site.add_nodes), "a rewritten residual add is left"
+        expands = sum(node.target is mhc.expand_streams.default for node in live)
+        chains = len({site.chain for site in sites})
+        assert expands <= chains, f"{expands} expand_streams for {chains} chain(s)"

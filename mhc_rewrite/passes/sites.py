@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import fx
+
+from ..errors import MHCRewriteError
 
 
 @dataclass(eq=False)
@@ -95,3 +97,21 @@ class SiteInfo:
     param_name: str = ""
     channel_reason: str = ""
     chain_break: str = ""
+
+
+def ask_filter(filter_fn: Callable[[ResidualSite], bool], site: ResidualSite) -> bool:
+    """Call the user's ``filter_fn`` on ``site``: its answer must be a bool, and its errors name it and the site.
+
+    Raises:
+        MHCRewriteError: ``filter_fn`` raised (chained) or returned something other than True/False.
+    """
+    name = getattr(filter_fn, "__qualname__", None) or repr(filter_fn)
+    where = f"site {site.index} ({site.module_path or '<root>'})"
+    try:
+        answer = filter_fn(site)
+    except Exception as exc:
+        raise MHCRewriteError(f"your filter_fn {name} raised {type(exc).__name__}: {exc} on {where}") from exc
+    if not isinstance(answer, bool):
+        raise MHCRewriteError(f"filter_fn must return True or False; your filter_fn {name} returned "
+                              f"{answer!r} ({type(answer).__name__}) on {where}")
+    return answer

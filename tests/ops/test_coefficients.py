@@ -11,7 +11,8 @@ coefficients = torch.ops.mhc.coefficients
 
 
 def _paper(X, phi_pre, phi_post, phi_res, a, b_pre, b_post, b_res, iters):
-    """SPEC §1 term by term: RMSNorm of vec(X), three projections, sigmoid / 2·sigmoid / Sinkhorn."""
+    """The paper's equations (arXiv 2512.24880) term by term: RMSNorm of vec(X), three projections,
+    sigmoid / 2·sigmoid / Sinkhorn."""
     v = X.flatten(-2)
     v = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
     n = X.shape[-2]

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import mhc_rewrite
-from mhc_rewrite.passes import find_residual_sites
+from mhc_rewrite.passes import FindResidualSites
 from mhc_rewrite.trace import trace
 
 from models import (
@@ -21,8 +21,9 @@ from models import (
 
 def _sites(model, example_inputs=None, **kw):
     gm = trace(model, example_inputs)
-    find_residual_sites(gm, **kw)
-    return gm, gm.meta["mhc_sites"]
+    find = FindResidualSites(**kw)
+    find(gm)
+    return gm, find.analysis.sites
 
 
 def test_pre_norm_mlp_blocks():
