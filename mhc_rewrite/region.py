@@ -55,7 +55,7 @@ class RegionState:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["graphs"] = {}
+        state["graphs"], state["last"] = {}, None
         return state
 
 
@@ -138,7 +138,7 @@ class ConvertedRegion(nn.Module):
     def __reduce_ex__(self, protocol):
         state = dict(self.__dict__)
         state["_mhc_state"] = copy.copy(state["_mhc_state"])
-        state["_mhc_state"].graphs = {}
+        state["_mhc_state"].graphs, state["_mhc_state"].last = {}, None
         return _new_region, (region_base(type(self)),), state
 
     def __setstate__(self, state):

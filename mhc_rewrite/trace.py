@@ -147,7 +147,7 @@ class _WatchingTracer(fx.Tracer):
     """A symbolic tracer that shows a recorder (``watch(module)``, ``tag(node)``) every leaf-module call and
     every node it creates (see ``mhc_rewrite/checkpointing.py``)."""
 
-    def __init__(self, recorder):
+    def __init__(self, recorder=None):
         super().__init__()
         self.recorder = recorder
 
