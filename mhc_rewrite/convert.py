@@ -185,6 +185,7 @@ def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.Gra
     run_passes([GroupChains(find.analysis), RewriteMHC(state.config, find.analysis)], gm)
     if state.lowered:
         lower(gm)
+    gm.mhc_sites, gm.mhc_skipped, gm.mhc_config = state.sites, state.skipped, state.config  # as the model's
     if units:  # checkpointed layers stay checkpointed, their mHC ops with them
         gm = checkpoint_units(gm, units)
     if state.path:  # module paths as in the whole model, for the inspect views
@@ -277,6 +278,7 @@ def convert(
     root.mhc_sites = [site.info() for site in rewritten]
     root.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     root.mhc_config = config
+    region.__dict__["_mhc_state"].sites, region.__dict__["_mhc_state"].skipped = root.mhc_sites, root.mhc_skipped
     root.mhc_model_name = type(model).__name__
     if getattr(root, "generation_config", None) is not None:
         root.generation_config.use_cache = False  # a converted region runs without a key-value cache

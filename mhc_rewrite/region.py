@@ -52,6 +52,8 @@ class RegionState:
     trace_seconds: float = 0.0
     last: Optional[fx.GraphModule] = None  # the graph of the latest call, for the inspect views
     lowered: bool = False  # fused Triton ops instead of the reference ops (passes/lower_fused.py)
+    sites: list = field(default_factory=list)  # the converted model's SiteInfo records, rewritten then skipped
+    skipped: list = field(default_factory=list)
 
     def __getstate__(self):
         state = dict(self.__dict__)

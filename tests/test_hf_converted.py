@@ -137,7 +137,7 @@ def test_trainer_trains_the_converted_model(pair, tmp_path):
     name, original, converted = pair
     ids = torch.randint(0, VOCAB, (8, 12))
     labels = ids if name != "bert" else torch.randint(0, 3, (8,))
-    rows = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    rows = [{"input_ids": row, "labels": label} for row, label in zip(ids, labels)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                                           learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True,
                                           logging_steps=1)

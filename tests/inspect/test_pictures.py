@@ -148,7 +148,8 @@ def _gpt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2))
     idx = torch.randint(0, 64, (2, 12))
-    return model, mhc_rewrite.convert(model, example_inputs=(idx,))
+    converted = mhc_rewrite.convert(model, example_inputs=(idx,))
+    return model, mhc_rewrite.converted_graph(converted, idx)  # the graph the converted model runs
 
 
 def test_block_drawing_legend_edges_full_names_and_size():
