@@ -53,7 +53,7 @@ def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     Returns:
         ``[..., 1]``, in ``v``'s dtype.
     """
-    scale = torch.linalg.vector_norm(v, ord=float("inf"), dim=-1, keepdim=True).clamp_min(1.0)
+    scale = v.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
     mean_sq = torch.linalg.vector_norm(v / scale, dim=-1, keepdim=True).square() / v.shape[-1]
     return scale * torch.sqrt(mean_sq + eps / scale.square())
 
