@@ -17,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from .coefficients import coefficients_backward_ref, coefficients_ref
+from . import coefficients as _coefficients  # noqa: F401  (registers torch.ops.mhc.coefficients*)
 from .mixing import post_res_mix_backward_ref, post_res_mix_ref, pre_mix_backward_ref, pre_mix_ref
 from .sinkhorn import compute_dtype
 
@@ -47,14 +47,16 @@ def fused_pre_mix(
     if use_triton(streams):
         return fused_pre.fused_pre_mix_fwd(streams, phi.float().contiguous(), alpha, bias, None, n, sinkhorn_iters,
                                            mode)
-    h_pre, h_post, h_res = coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
-    return pre_mix_ref(streams, h_pre), h_pre.clone(), h_post.clone(), h_res.clone()
+    # elsewhere: the opaque reference ops, so that Inductor, which traces into a triton_op, calls them instead of
+    # compiling twenty unrolled Sinkhorn rounds per site (forward and backward)
+    h_pre, h_post, h_res = torch.ops.mhc.coefficients(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    return pre_mix_ref(streams, h_pre), h_pre, h_post, h_res
 
 
 def _pre_backward_ref(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, iters, mode):
     d_x_mix, d_h_pre_mix = pre_mix_backward_ref(streams, h_pre, d_y)
-    d_x, d_phi, d_alpha, d_bias = coefficients_backward_ref(d_h_pre + d_h_pre_mix, d_h_post, d_h_res, streams, phi,
-                                                            alpha, bias, n, iters, mode)
+    d_x, d_phi, d_alpha, d_bias = torch.ops.mhc.coefficients_backward(d_h_pre + d_h_pre_mix, d_h_post, d_h_res,
+                                                                      streams, phi, alpha, bias, n, iters, mode)
     acc = compute_dtype(streams.dtype)
     return (d_x.to(acc) + d_x_mix).to(streams.dtype), d_phi, d_alpha, d_bias
 
