@@ -1,7 +1,8 @@
 """Triton kernels: the mHC coefficients of a token fused with its pre-mix (forward and backward).
 
 Forward, one program per ``BLOCK_T`` tokens (``X [T, n, C]`` contiguous, ``phi [n·C, M]``, ``M = n² + 2n``):
-  pass 1 over C: ``sumsq = sum(x²)`` and ``u = vec(x) @ phi`` from one read of the stream block;
+  pass 1 over C: the sum of squares (overflow-safe, see ``_add_squares``) and ``u = vec(x) @ phi`` from one read
+  of the stream block;
   then ``z = u / rms``, the gates and Sinkhorn-Knopp in registers (see ``layout.py``), stores ``H_pre/H_post/H_res``;
   pass 2 over C: ``y = sum_i H_pre[i] x[i]`` (the block input), in the stream's dtype.
 Static mode (``DYNAMIC=False``) runs pass 2 only, with ``H_pre [n]`` shared by all tokens.
@@ -12,10 +13,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops.coefficients import RMS_EPS
 from . import layout
-from .layout import flat_layout, gains, group_matrices, normalise, sinkhorn_start, tanh
-
-RMS_EPS = 1e-6
+from .layout import flat_layout, gains, group_matrices, normalise, sinkhorn_first_round, tanh
 
 
 def _mp(n: int) -> int:
@@ -23,23 +23,52 @@ def _mp(n: int) -> int:
 
 
 @triton.jit
+def _load_tile(X, t, tmask, i, imask, c0, C, N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The ``[BLOCK_T, NP, BLOCK_C]`` stream tile at channel ``c0`` in float32, its offsets, mask and channels."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
+    mask = tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :]
+    return tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), offs, mask, c, cmask
+
+
+@triton.jit
+def _add_squares(scale, sumsq, x):
+    """Running ``sum((x / scale)²)`` per token with ``scale = max(1, largest |x| so far)``, rescaled as the scale
+    grows (one pass, as LAPACK's nrm2 does): no overflow for any finite x, and the plain sum while |x| <= 1."""
+    new_scale = tl.maximum(scale, tl.max(tl.max(tl.abs(x), axis=2), axis=1))
+    ratio = scale / new_scale
+    xs = x / new_scale[:, None, None]
+    return new_scale, sumsq * ratio * ratio + tl.sum(tl.sum(xs * xs, axis=2), axis=1)
+
+
+@triton.jit
+def _rms(scale, sumsq, D, EPS):
+    """``sqrt(mean(x²) + eps)`` from the scaled sum of squares, as ``rms`` in ops/coefficients.py."""
+    return scale * tl.sqrt(sumsq / D + EPS / scale / scale)
+
+
+@triton.jit
+def _phi_rows(PHI, i, imask, c, cmask, k, kmask, C, M: tl.constexpr, NP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The ``[NP·BLOCK_C, MP]`` rows of phi for the (stream, channel) pairs of a tile."""
+    rows = tl.reshape(i[:, None] * C + c[None, :], [NP * BLOCK_C])
+    rmask = tl.reshape(imask[:, None] & cmask[None, :], [NP * BLOCK_C])
+    return tl.load(PHI + rows[:, None] * M + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+
+
+@triton.jit
 def _project(X, PHI, t, tmask, i, imask, k, kmask, C, N: tl.constexpr, NP: tl.constexpr, M: tl.constexpr,
              MP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One read of the token block: ``sum(x²)`` [BLOCK_T] and ``vec(x) @ phi`` [BLOCK_T, MP]."""
+    """One read of the token block: ``(scale, sumsq)`` of the RMS [BLOCK_T] and ``vec(x) @ phi`` [BLOCK_T, MP]."""
+    scale = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
     u = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        x = tl.load(X + t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :],
-                    mask=tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :], other=0.0)
-        x = x.to(tl.float32)
-        sumsq += tl.sum(tl.sum(x * x, axis=2), axis=1)
-        rows = tl.reshape(i[:, None] * C + c[None, :], [NP * BLOCK_C])  # phi row of each (stream, channel)
-        rmask = tl.reshape(imask[:, None] & cmask[None, :], [NP * BLOCK_C])
-        phi = tl.load(PHI + rows[:, None] * M + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        x, _, _, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
+        scale, sumsq = _add_squares(scale, sumsq, x)
+        phi = _phi_rows(PHI, i, imask, c, cmask, k, kmask, C, M, NP, BLOCK_C)
         u += tl.dot(tl.reshape(x, [BLOCK_T, NP * BLOCK_C]), phi, input_precision="ieee")
-    return sumsq, u
+    return scale, sumsq, u
 
 
 @triton.jit
@@ -66,16 +95,16 @@ def _fused_pre_mix_fwd(
     if DYNAMIC:
         k, is_pre, is_post, is_res, row, col = flat_layout(N, MP)
         kmask = k < M
-        sumsq, u = _project(X, PHI, t, tmask, i, imask, k, kmask, C, N, NP, M, MP, BLOCK_T, BLOCK_C)
-        z = u / tl.sqrt(sumsq / (N * C) + EPS)[:, None]
+        scale, sumsq, u = _project(X, PHI, t, tmask, i, imask, k, kmask, C, N, NP, M, MP, BLOCK_T, BLOCK_C)
+        z = u / _rms(scale, sumsq, N * C, EPS)[:, None]
         gain = gains(ALPHA, is_pre, is_post, is_res)
         b = tl.load(BIAS + k, mask=kmask, other=0.0)
         if MODE == 0:
             logits = z * gain[None, :] + b[None, :]
             sig = tl.sigmoid(logits)
             same_row, same_col = group_matrices(is_res, row, col)
-            m = sinkhorn_start(logits, is_res)
-            for _ in range(ITERS):
+            _, m = sinkhorn_first_round(logits, is_res, same_row, same_col)
+            for _ in range(ITERS - 1):
                 m = normalise(m, same_col, is_res)
                 m = normalise(m, same_row, is_res)
             h = tl.where(is_pre[None, :], sig, tl.where(is_post[None, :], 2.0 * sig, m))
@@ -90,11 +119,8 @@ def _fused_pre_mix_fwd(
     else:
         h_pre = tl.load(HPRE + i[None, :] + 0 * t[:, None], mask=tmask[:, None] & imask[None, :], other=0.0)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        x = tl.load(X + t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :],
-                    mask=tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :], other=0.0)
-        y = tl.sum(h_pre[:, :, None] * x.to(tl.float32), axis=1)
+        x, _, _, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
+        y = tl.sum(h_pre[:, :, None] * x, axis=1)
         tl.store(Y + t[:, None] * C + c[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
@@ -130,23 +156,18 @@ def _fused_pre_mix_bwd(
     # pass 1: sum(x²), u = vec(x) @ phi, and the pre-mix's gradient of H_pre, sum_c dy[c]·x[i, c], in flat layout
     stream_of_row = tl.reshape(i[:, None] + 0 * tl.arange(0, BLOCK_C)[None, :], [NP * BLOCK_C])
     select = ((stream_of_row[:, None] == k[None, :]) & is_pre[None, :]).to(tl.float32)  # [NP*BLOCK_C, MP]
+    scale = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
     u = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
     g = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        x = tl.load(X + t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :],
-                    mask=tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :], other=0.0)
-        x = x.to(tl.float32)
+        x, _, _, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
         dy = tl.load(DY + t[:, None] * C + c[None, :], mask=tk & cmask[None, :], other=0.0).to(tl.float32)
-        sumsq += tl.sum(tl.sum(x * x, axis=2), axis=1)
-        rows = tl.reshape(i[:, None] * C + c[None, :], [NP * BLOCK_C])
-        rmask = tl.reshape(imask[:, None] & cmask[None, :], [NP * BLOCK_C])
-        phi = tl.load(PHI + rows[:, None] * M + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        scale, sumsq = _add_squares(scale, sumsq, x)
+        phi = _phi_rows(PHI, i, imask, c, cmask, k, kmask, C, M, NP, BLOCK_C)
         u += tl.dot(tl.reshape(x, [BLOCK_T, NP * BLOCK_C]), phi, input_precision="ieee")
         g += tl.dot(tl.reshape(x * dy[:, None, :], [BLOCK_T, NP * BLOCK_C]), select, input_precision="ieee")
-    rms = tl.sqrt(sumsq / (N * C) + EPS)
+    rms = _rms(scale, sumsq, N * C, EPS)
     z = u / rms[:, None]
     gain = gains(ALPHA, is_pre, is_post, is_res)
     b = tl.load(BIAS + k, mask=kmask, other=0.0)
@@ -157,9 +178,11 @@ def _fused_pre_mix_bwd(
         logits = z * gain[None, :] + b[None, :]
         sig = tl.sigmoid(logits)
         same_row, same_col = group_matrices(is_res, row, col)
-        m = sinkhorn_start(logits, is_res)
         scratch = SCRATCH + t[:, None] * (2 * ITERS * MP) + k[None, :]
-        for s in range(ITERS):
+        y_col, m = sinkhorn_first_round(logits, is_res, same_row, same_col)
+        tl.store(scratch, y_col, mask=tk)
+        tl.store(scratch + MP, m, mask=tk)
+        for s in range(1, ITERS):
             m = normalise(m, same_col, is_res)
             tl.store(scratch + (2 * s) * MP, m, mask=tk)
             m = normalise(m, same_row, is_res)
@@ -188,21 +211,18 @@ def _fused_pre_mix_bwd(
     tl.store(DU + out, du, mask=tk & kmask[None, :])
     tl.store(DLOGITS + out, g_logits, mask=tk & kmask[None, :])
     tl.store(DGAIN + out, d_gain, mask=tk & kmask[None, :])
-    x_coef = -tl.sum(dz * z, axis=1) / rms / (N * C * rms)  # dr·/(D·r): the RMS's share of dx, per unit of x
+    # the RMS's share of dx is dr·x/(D·r); dr/D times x comes first, so that it cannot underflow for huge x
+    dr_per_entry = -tl.sum(dz * z, axis=1) / rms / (N * C)
     h_pre = tl.load(HPRE + t[:, None] * N + i[None, :], mask=tk & imask[None, :], other=0.0)
-    # pass 2: dx = du @ phiᵀ + x_coef·x + H_pre ⊗ dy
+    # pass 2: dx = du @ phiᵀ + dr·x/(D·r) + H_pre ⊗ dy
     for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        xmask = tmask[:, None, None] & imask[None, :, None] & cmask[None, None, :]
-        offs = t[:, None, None] * (N * C) + i[None, :, None] * C + c[None, None, :]
-        x = tl.load(X + offs, mask=xmask, other=0.0).to(tl.float32)
+        x, offs, xmask, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
         dy = tl.load(DY + t[:, None] * C + c[None, :], mask=tk & cmask[None, :], other=0.0).to(tl.float32)
         rows = tl.reshape(i[:, None] * C + c[None, :], [NP * BLOCK_C])
         rmask = tl.reshape(imask[:, None] & cmask[None, :], [NP * BLOCK_C])
         phi_t = tl.load(PHI + rows[None, :] * M + k[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0)
         dx = tl.reshape(tl.dot(du, phi_t, input_precision="ieee"), [BLOCK_T, NP, BLOCK_C])
-        dx += x_coef[:, None, None] * x + h_pre[:, :, None] * dy[:, None, :]
+        dx += dr_per_entry[:, None, None] * x / rms[:, None, None] + h_pre[:, :, None] * dy[:, None, :]
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=xmask)
 
 

@@ -10,8 +10,6 @@ The dots use ``input_precision="ieee"``: TF32 would round the entries and break 
 import triton
 import triton.language as tl
 
-TINY = 1e-30  # as in ops/sinkhorn.py: a sum that underflowed is divided by this instead of 0
-
 
 @triton.jit
 def flat_layout(N: tl.constexpr, MP: tl.constexpr):
@@ -35,17 +33,33 @@ def group_matrices(is_res, row, col):
 
 
 @triton.jit
-def sinkhorn_start(logits, is_res):
-    """``exp(logits - max)`` on the res block (max over the block of each token), zero elsewhere."""
-    shift = tl.max(tl.where(is_res[None, :], logits, -float("inf")), axis=1)
-    return tl.where(is_res[None, :], tl.exp(logits - shift[:, None]), 0.0)
+def _group_logsumexp(x, group, is_res):
+    """``logsumexp`` of each res entry's group (row or column, by ``group``), broadcast back to the entry."""
+    # the group's largest entry: over a of x[t, a] where group[a, b], a [BLOCK_T, MP, MP] register tile
+    peak = tl.max(tl.where(group[None, :, :] > 0, x[:, :, None], -float("inf")), axis=1)
+    peak = tl.where(is_res[None, :], peak, 0.0)
+    e = tl.where(is_res[None, :], tl.exp(x - peak), 0.0)
+    return peak + tl.log(tl.where(is_res[None, :], tl.dot(e, group, input_precision="ieee"), 1.0))
+
+
+@triton.jit
+def sinkhorn_first_round(logits, is_res, same_row, same_col):
+    """The log-domain first round of ops/sinkhorn.py on the res block: ``(Y_col, M)``, the outputs of its column
+    step and of its row step (zero outside the res block). Exact for any logit scale: no entry is rounded to 0
+    before it is normalised."""
+    x = tl.where(is_res[None, :], logits, 0.0)
+    x = tl.where(is_res[None, :], x - _group_logsumexp(x, same_col, is_res), 0.0)
+    y_col = tl.where(is_res[None, :], tl.exp(x), 0.0)
+    x = x - _group_logsumexp(x, same_row, is_res)
+    return y_col, tl.where(is_res[None, :], tl.exp(x), 0.0)
 
 
 @triton.jit
 def normalise(m, group, is_res):
-    """Divide each res entry by the sum of its group (row or column, by ``group``)."""
+    """Divide each res entry by the sum of its group (row or column, by ``group``); after the first round every
+    such sum lies in [1/n, n] (ops/sinkhorn.py), so the division is safe."""
     sums = tl.dot(m, group, input_precision="ieee")
-    return tl.where(is_res[None, :], m / tl.maximum(sums, 1e-30), 0.0)
+    return tl.where(is_res[None, :], m / tl.where(is_res[None, :], sums, 1.0), 0.0)
 
 
 @triton.jit

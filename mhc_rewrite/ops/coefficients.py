@@ -1,4 +1,4 @@
-"""The mHC mappings H_pre, H_post, H_res of one site (SPEC §1), as ``torch.ops.mhc.coefficients``.
+"""The mHC mappings H_pre, H_post, H_res of one site, as ``torch.ops.mhc.coefficients``.
 
 Dynamic (per token, the paper's Eq. 7-9), with ``m = n² + 2n`` and ``phi = [phi_pre | phi_post | phi_res]``:
 
@@ -7,6 +7,9 @@ Dynamic (per token, the paper's Eq. 7-9), with ``m = n² + 2n`` and ``phi = [phi
     logits = [a_pre·z_pre, a_post·z_post, a_res·z_res] + bias
     mode "mhc":  H_pre = sigmoid,  H_post = 2·sigmoid,  H_res = SinkhornKnopp(mat(logits_res))
     mode "hc":   H = bias + a·tanh(z)          # unconstrained hyper-connections, for comparison
+
+``rms(v) = sqrt(mean(v²) + eps)`` is computed without overflow (:func:`rms`), so streams of any finite size give
+their true coefficients, not the bias alone.
 
 Static (``streams``, ``phi`` and ``alpha`` are None): the same gates applied to ``bias`` alone, giving
 ``[n]``, ``[n]``, ``[n, n]`` shared by every token.
@@ -17,14 +20,14 @@ All of it runs in float32 (float64 for float64 inputs). The backward (derived in
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .sinkhorn import compute_dtype, sinkhorn_knopp_backward_ref, sinkhorn_knopp_ref
+from .sinkhorn import compute_dtype, sinkhorn_backward, sinkhorn_forward, sinkhorn_knopp_ref
 
 MODES = ("mhc", "hc")
-RMS_EPS = 1e-6
+RMS_EPS = 1e-6  # the RMSNorm epsilon of the coefficient path (also used by kernels/fused_pre.py)
 
 
 def _gain(alpha: torch.Tensor, n: int) -> torch.Tensor:
@@ -37,6 +40,50 @@ def num_logits(n: int) -> int:
     return n * n + 2 * n
 
 
+def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """``sqrt(mean(v²) + eps)`` over the last axis, ``[..., D]`` -> ``[..., 1]``, without overflow.
+
+    Squaring float32 values above ~1.8e19 overflows to inf. Each row is divided by its largest magnitude ``s``
+    first (when that exceeds 1, so that ordinary rows compute exactly the plain formula), as robust norm
+    implementations do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``.
+
+    Args:
+        v: ``[..., D]`` float tensor.
+        eps: added to the mean square.
+    Returns:
+        ``[..., 1]``, in ``v``'s dtype.
+    """
+    scale = v.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    mean_sq = torch.linalg.vector_norm(v / scale, dim=-1, keepdim=True).square() / v.shape[-1]
+    return scale * torch.sqrt(mean_sq + eps / scale.square())
+
+
+def _inputs(streams, phi, alpha, bias, n):
+    """``(v, rms(v), z, gain, b)``, in the compute dtype; the first four are None in static mode."""
+    acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
+    if streams is None:
+        return None, None, None, None, bias.to(acc)
+    v = streams.reshape(*streams.shape[:-2], -1).to(acc)  # [..., n·C]
+    r = rms(v)
+    return v, r, (v @ phi.to(acc)) / r, _gain(alpha.to(acc), n), bias.to(acc)
+
+
+def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callable):
+    """The coefficients, with ``project`` the Sinkhorn implementation (reference or fast)."""
+    _, _, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    if mode == "mhc":
+        logits = b if z is None else z * gain + b
+        h_pre = torch.sigmoid(logits[..., :n])
+        h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])
+        h_res = project(logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
+    elif mode == "hc":
+        h = b if z is None else torch.tanh(z) * gain + b
+        h_pre, h_post, h_res = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return h_pre, h_post, h_res
+
+
 def coefficients_ref(
     streams: Optional[torch.Tensor],
     phi: Optional[torch.Tensor],
@@ -46,7 +93,7 @@ def coefficients_ref(
     sinkhorn_iters: int,
     mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-PyTorch mHC coefficients; see the module docstring.
+    """Pure-PyTorch mHC coefficients, differentiable by autograd; see the module docstring.
 
     Args:
         streams: ``[..., n, C]`` (dynamic) or None (static).
@@ -55,26 +102,7 @@ def coefficients_ref(
     Returns:
         ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in float32 (float64 for float64 input).
     """
-    acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
-    b = bias.to(acc)
-    if streams is None:
-        z = None
-    else:
-        v = streams.reshape(*streams.shape[:-2], -1).to(acc)  # [..., n·C]
-        rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-        z = (v @ phi.to(acc)) / rms  # [..., m]
-        gain = _gain(alpha.to(acc), n)
-    if mode == "mhc":
-        logits = b if z is None else z * gain + b
-        h_pre = torch.sigmoid(logits[..., :n])
-        h_post = 2.0 * torch.sigmoid(logits[..., n : 2 * n])
-        h_res = sinkhorn_knopp_ref(logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
-    elif mode == "hc":
-        h = b if z is None else torch.tanh(z) * gain + b
-        h_pre, h_post, h_res = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
-    else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return h_pre, h_post, h_res
+    return _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_knopp_ref)
 
 
 def _out_shapes(streams, bias, n):
@@ -93,7 +121,7 @@ def coefficients(
     mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(H_pre, H_post, H_res)`` of one site; see :func:`coefficients_ref`."""
-    outs = coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    outs = _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_forward)
     return tuple(t.clone(memory_format=torch.contiguous_format) for t in outs)  # never alias the bias
 
 
@@ -130,20 +158,13 @@ def coefficients_backward_ref(
     """
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     g_h = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
-    b = bias.to(acc)
-    z = gain = None
-    if streams is not None:
-        v = streams.reshape(*streams.shape[:-2], -1).to(acc)
-        rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-        u = v @ phi.to(acc)
-        z = u / rms
-        gain = _gain(alpha.to(acc), n)
+    v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         sig = torch.sigmoid(logits[..., : 2 * n])
         scale = torch.tensor([1.0] * n + [2.0] * n, dtype=acc, device=sig.device)  # sigmoid, 2·sigmoid
         g_gates = g_h[..., : 2 * n] * sig * (1 - sig) * scale
-        g_res = sinkhorn_knopp_backward_ref(grad_res, logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
+        g_res = sinkhorn_backward(grad_res, logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
         g = torch.cat([g_gates, g_res.to(acc).flatten(-2)], dim=-1)
         if z is not None:
             dz, d_gain = g * gain, g * z
@@ -158,10 +179,10 @@ def coefficients_backward_ref(
     if streams is None:
         return None, None, None, d_bias
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=-1)]).to(alpha.dtype)
-    du = dz / rms
-    dr = -(dz * z).sum(dim=-1, keepdim=True) / rms
+    du = dz / r
+    dr = -(dz * z).sum(dim=-1, keepdim=True) / r
     d_phi = (v.reshape(-1, v.shape[-1]).T @ du.reshape(-1, du.shape[-1])).to(phi.dtype)
-    dv = du @ phi.to(acc).T + dr * v / (v.shape[-1] * rms)
+    dv = du @ phi.to(v.dtype).T + dr * v / (v.shape[-1] * r)
     return dv.reshape(streams.shape).to(streams.dtype), d_phi, d_alpha, d_bias
 
 

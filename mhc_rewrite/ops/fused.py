@@ -17,8 +17,8 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from .coefficients import coefficients_backward_ref, coefficients_ref
-from .mixing import post_res_mix_ref, pre_mix_ref
+from . import coefficients as _coefficients  # noqa: F401  (registers torch.ops.mhc.coefficients*)
+from .mixing import post_res_mix_backward_ref, post_res_mix_ref, pre_mix_backward_ref, pre_mix_ref
 from .sinkhorn import compute_dtype
 
 try:
@@ -47,18 +47,18 @@ def fused_pre_mix(
     if use_triton(streams):
         return fused_pre.fused_pre_mix_fwd(streams, phi.float().contiguous(), alpha, bias, None, n, sinkhorn_iters,
                                            mode)
-    h_pre, h_post, h_res = coefficients_ref(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
-    return pre_mix_ref(streams, h_pre), h_pre.clone(), h_post.clone(), h_res.clone()
+    # elsewhere: the opaque reference ops, so that Inductor, which traces into a triton_op, calls them instead of
+    # compiling twenty unrolled Sinkhorn rounds per site (forward and backward)
+    h_pre, h_post, h_res = torch.ops.mhc.coefficients(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    return pre_mix_ref(streams, h_pre), h_pre, h_post, h_res
 
 
 def _pre_backward_ref(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, iters, mode):
+    d_x_mix, d_h_pre_mix = pre_mix_backward_ref(streams, h_pre, d_y)
+    d_x, d_phi, d_alpha, d_bias = torch.ops.mhc.coefficients_backward(d_h_pre + d_h_pre_mix, d_h_post, d_h_res,
+                                                                      streams, phi, alpha, bias, n, iters, mode)
     acc = compute_dtype(streams.dtype)
-    g, x = d_y.to(acc), streams.to(acc)
-    d_h_pre = d_h_pre + torch.einsum("...c,...ic->...i", g, x)  # the pre-mix's share of dH_pre
-    d_x, d_phi, d_alpha, d_bias = coefficients_backward_ref(d_h_pre, d_h_post, d_h_res, streams, phi, alpha, bias, n,
-                                                            iters, mode)
-    d_x = (d_x.to(acc) + h_pre.to(acc).unsqueeze(-1) * g.unsqueeze(-2)).to(streams.dtype)
-    return d_x, d_phi, d_alpha, d_bias
+    return (d_x.to(acc) + d_x_mix).to(streams.dtype), d_phi, d_alpha, d_bias
 
 
 @triton_op("mhc::fused_pre_mix_backward", mutates_args=())
@@ -114,13 +114,7 @@ def fused_post_res_mix_backward(
     """Gradients ``(d_streams, d_branch, d_h_post, d_h_res)`` of :func:`fused_post_res_mix`."""
     if use_triton(streams):
         return post_res.post_res_mix_bwd(streams, branch, h_post, h_res, grad)
-    acc = compute_dtype(streams.dtype)
-    g, x, f = grad.to(acc), streams.to(acc), branch.to(acc)
-    d_x = torch.einsum("...ij,...ic->...jc", h_res.to(acc), g).to(streams.dtype)
-    d_f = torch.einsum("...i,...ic->...c", h_post.to(acc), g).to(branch.dtype)
-    d_r = torch.einsum("...ic,...jc->...ij", g, x).sum_to_size(h_res.shape).to(h_res.dtype)
-    d_p = torch.einsum("...ic,...c->...i", g, f).sum_to_size(h_post.shape).to(h_post.dtype)
-    return d_x, d_f, d_p, d_r
+    return post_res_mix_backward_ref(streams, branch, h_post, h_res, grad)
 
 
 def _post_setup(ctx, inputs, output):

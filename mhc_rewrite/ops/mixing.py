@@ -91,14 +91,22 @@ def _pre_mix_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _pre_mix_backward(ctx, grad):
-    # dX[..., i, c] = h[..., i] g[..., c];   dh[..., i] = sum_c g[..., c] X[..., i, c]
-    streams, h_pre = ctx.saved_tensors
+def pre_mix_backward_ref(
+    streams: torch.Tensor, h_pre: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`pre_mix_ref`: ``(d_streams, d_h_pre)``, both in the compute dtype, ``d_h_pre`` per token.
+
+    ``dX[..., i, c] = h[..., i] g[..., c]``;   ``dh[..., i] = sum_c g[..., c] X[..., i, c]``.
+    """
     acc = compute_dtype(streams.dtype)
     g = grad.to(acc)
-    d_streams = (h_pre.to(acc).unsqueeze(-1) * g.unsqueeze(-2)).to(streams.dtype)
-    d_h = torch.einsum("...c,...ic->...i", g, streams.to(acc))
-    return d_streams, _reduce_to(d_h, h_pre)
+    return h_pre.to(acc).unsqueeze(-1) * g.unsqueeze(-2), torch.einsum("...c,...ic->...i", g, streams.to(acc))
+
+
+def _pre_mix_backward(ctx, grad):
+    streams, h_pre = ctx.saved_tensors
+    d_streams, d_h = pre_mix_backward_ref(streams, h_pre, grad)
+    return d_streams.to(streams.dtype), _reduce_to(d_h, h_pre)
 
 
 pre_mix.register_autograd(_pre_mix_backward, setup_context=_pre_mix_setup)
@@ -112,9 +120,9 @@ def post_res_mix_ref(
 ) -> torch.Tensor:
     """Pure-PyTorch ``X'[..., i, c] = sum_j h_res[..., i, j] X[..., j, c] + h_post[..., i] f[..., c]``."""
     acc = compute_dtype(streams.dtype)
-    mixed = torch.einsum("...ij,...jc->...ic", h_res.to(acc), streams.to(acc))
-    written = h_post.to(acc).unsqueeze(-1) * branch.to(acc).unsqueeze(-2)
-    return (mixed + written).to(streams.dtype)
+    out = torch.matmul(h_res.to(acc), streams.to(acc))  # a static [n, n] broadcasts over the tokens
+    out.addcmul_(h_post.to(acc).unsqueeze(-1), branch.to(acc).unsqueeze(-2))  # in place: no second [.., n, C]
+    return out.to(streams.dtype)
 
 
 @torch.library.custom_op("mhc::post_res_mix", mutates_args=())
@@ -134,17 +142,26 @@ def _post_res_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _post_res_backward(ctx, grad):
-    # dX[j, c] = sum_i h_res[i, j] dY[i, c]     df[c] = sum_i h_post[i] dY[i, c]
-    # dh_res[i, j] = sum_c dY[i, c] X[j, c]     dh_post[i] = sum_c dY[i, c] f[c]
-    streams, branch, h_post, h_res = ctx.saved_tensors
+def post_res_mix_backward_ref(
+    streams: torch.Tensor, branch: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_streams, d_branch, d_h_post, d_h_res)`` of :func:`post_res_mix_ref`, shaped like the inputs.
+
+    ``dX[j, c] = sum_i h_res[i, j] dY[i, c]``       ``df[c] = sum_i h_post[i] dY[i, c]``
+    ``dh_res[i, j] = sum_c dY[i, c] X[j, c]``       ``dh_post[i] = sum_c dY[i, c] f[c]``
+    (static coefficients: summed over the tokens).
+    """
     acc = compute_dtype(streams.dtype)
     g, x, f = grad.to(acc), streams.to(acc), branch.to(acc)
-    d_streams = torch.einsum("...ij,...ic->...jc", h_res.to(acc), g).to(streams.dtype)
+    d_streams = torch.matmul(h_res.to(acc).transpose(-1, -2), g).to(streams.dtype)
     d_branch = torch.einsum("...i,...ic->...c", h_post.to(acc), g).to(branch.dtype)
-    d_h_res = torch.einsum("...ic,...jc->...ij", g, x)
+    d_h_res = torch.matmul(g, x.transpose(-1, -2))
     d_h_post = torch.einsum("...ic,...c->...i", g, f)
     return d_streams, d_branch, _reduce_to(d_h_post, h_post), _reduce_to(d_h_res, h_res)
+
+
+def _post_res_backward(ctx, grad):
+    return post_res_mix_backward_ref(*ctx.saved_tensors, grad)
 
 
 post_res_mix.register_autograd(_post_res_backward, setup_context=_post_res_setup)
