@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from mhc_rewrite.passes.sites import ResidualSite
 
 INITS = ("identity", "paper")
+CONSTRAINTS = ("sinkhorn", "permutations")
+COLLAPSES = ("mean", "learned")
+MAX_PERMUTATION_STREAMS = 6  # n! logits per token: 720 at n = 6
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,12 @@ class MHCConfig:
             not function-preserving.
         filter_fn: ``filter_fn(site) -> bool`` picks the sites to rewrite; by default a site is rewritten
             when its branch holds a parameterised op.
+        constraint: how mode ``"mhc"`` makes ``H_res`` doubly stochastic: ``"sinkhorn"`` (the paper's
+            Sinkhorn-Knopp rounds) or ``"permutations"`` (mHC-lite, arXiv 2601.05732: softmax weights over the
+            n! permutation matrices, exactly doubly stochastic; n <= 6).
+        collapse: how the streams are reduced to one where the residual leaves a chain: ``"mean"``, or
+            ``"learned"``: a per-token sigmoid gate computed from the streams (as DeepSeek-V4's hyper-head),
+            initialised to the mean so the converted model still computes the original function.
     """
 
     n: int = 4
@@ -37,6 +46,8 @@ class MHCConfig:
     mode: str = "mhc"
     init: str = "identity"
     filter_fn: Optional[Callable[["ResidualSite"], bool]] = None
+    constraint: str = "sinkhorn"
+    collapse: str = "mean"
 
     def __post_init__(self):
         if isinstance(self.n, bool) or not isinstance(self.n, int):
@@ -60,3 +71,13 @@ class MHCConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn must be callable (site -> bool), got {type(self.filter_fn).__name__}")
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
+        if self.constraint == "permutations":
+            if self.mode != "mhc":
+                raise ValueError('constraint="permutations" constrains mode "mhc"; mode "hc" is unconstrained')
+            if self.n > MAX_PERMUTATION_STREAMS:
+                raise ValueError(f'constraint="permutations" needs n <= {MAX_PERMUTATION_STREAMS} (n! logits per '
+                                 f'token), got n={self.n}; use constraint="sinkhorn"')
+        if self.collapse not in COLLAPSES:
+            raise ValueError(f"collapse must be one of {COLLAPSES}, got {self.collapse!r}")
