@@ -17,7 +17,8 @@ Each continuation starts a fresh AdamW (the same for all, with a short warm-up).
 the converted model's parameters that the checkpoint does not have; ``--mhc-lr-mult`` scales their learning
 rate through an ordinary optimiser parameter group (no library option is involved).
 Recorded per seed and variant: the validation loss just before and just after conversion, training and
-validation loss at every evaluation, and the Amax gains of the composite ``H_res``. Writes ``results.json``
+validation loss at every evaluation (step K appears twice in a continuation's curves: the checkpoint, then
+the converted model), and the Amax gains of the composite ``H_res``. Writes ``results.json``
 and ``retrofit.png`` into ``--out``.
 """
 
