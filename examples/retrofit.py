@@ -164,18 +164,18 @@ def plot(results, args, path):
             pairs = [(st, v - plain[st]) for st, v in zip(c["eval_step"], c["val_loss"]) if st >= k and st in plain]
             axes[0, 1].plot([p[0] for p in pairs], [p[1] for p in pairs], color=COLORS[variant], label=label,
                             marker="o", markersize=2.5, linewidth=0.9)
-            steps = c["step"]
-            width = max(1, len(steps) // 40)
-            smooth = [sum(c["train_loss"][max(0, i - width):i + 1]) / len(c["train_loss"][max(0, i - width):i + 1])
-                      for i in range(len(steps))]
-            keep = [i for i, st in enumerate(steps) if st >= k]
-            axes[1, 0].plot([steps[i] for i in keep], [smooth[i] for i in keep], color=COLORS[variant], label=label,
-                            linewidth=0.8)
+            plain_train = dict(zip(runs["plain"]["curves"]["step"], runs["plain"]["curves"]["train_loss"]))
+            steps = [st for st in c["step"] if st >= k]  # the same batches in every variant after step K
+            diff = [loss - plain_train[st] for st, loss in zip(c["step"], c["train_loss"]) if st >= k]
+            width = max(1, len(diff) // 10)
+            smooth = [sum(diff[max(0, i - width):i + 1]) / len(diff[max(0, i - width):i + 1]) for i in range(len(diff))]
+            axes[1, 0].plot(steps, smooth, color=COLORS[variant], label=label, linewidth=0.8)
             axes[1, 1].plot(c["eval_step"], c["amax_forward"], color=COLORS[variant], label=label, linewidth=0.9)
             axes[1, 1].plot(c["eval_step"], c["amax_backward"], color=COLORS[variant], linestyle="--",
                             linewidth=0.9)
     titles = ("validation loss (every seed)", "validation loss minus plain's, after the conversion",
-              "training loss after the conversion (smoothed)", "Amax gain of the composite H_res (--- backward)")
+              "training loss minus plain's, same batches (running mean)",
+              "Amax gain of the composite H_res (--- backward)")
     for ax, title in zip(axes.flat, titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
@@ -183,6 +183,8 @@ def plot(results, args, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0, 1].axhline(0.0, color="C0", linewidth=0.6)
+    axes[1, 0].axhline(0.0, color="C0", linewidth=0.6)
+    axes[1, 1].ticklabel_format(axis="y", useOffset=False)
     fig.suptitle(f"retrofit: plain GPT {args.layers}x{args.width} trained {k} steps, then {args.steps} more "
                  f"(n={args.n}, lr {args.lr}, mHC lr x{args.mhc_lr_mult})", fontsize=10)
     fig.tight_layout()
