@@ -104,7 +104,7 @@ def run_seed(seed, args, train_data, val_batches, probe):
     before = evaluate(base, val_batches)
     print(f"seed {seed}: plain after {args.pre_steps} steps: val {before:.4f} ({pre_seconds:.0f} s)", flush=True)
 
-    for variant in ("plain", "identity", "paper"):
+    for variant in [v for v in ("plain", "identity", "paper") if v in args.variants]:
         torch.manual_seed(seed + 1)  # the new parameters' random phi
         model = copy.deepcopy(base)
         base_params = list(model.parameters())
@@ -125,6 +125,8 @@ def run_seed(seed, args, train_data, val_batches, probe):
                         "curves": log}
         print(f"seed {seed}: {variant:>8}: jump {after - before:+.2e}, final val {log['val_loss'][-1]:.4f} "
               f"({out[variant]['seconds']:.0f} s)", flush=True)
+    if "scratch" not in args.variants:
+        return out
 
     torch.manual_seed(seed)
     model = GPT(config)
@@ -157,7 +159,7 @@ def plot(results, args, path):
     for s, seed in enumerate(results):
         runs = results[seed]
         plain = dict(zip(runs["plain"]["curves"]["eval_step"], runs["plain"]["curves"]["val_loss"]))
-        for variant in VARIANTS:
+        for variant in runs:
             c = runs[variant]["curves"]
             label = variant if s == 0 else None
             axes[0, 0].plot(c["eval_step"], c["val_loss"], color=COLORS[variant], label=label, linewidth=0.9)
@@ -195,7 +197,7 @@ def plot(results, args, path):
 def summarise(results):
     """Per variant, across seeds: mean final validation loss, mean difference from plain, largest |jump|."""
     table = {}
-    for variant in VARIANTS:
+    for variant in next(iter(results.values())):
         finals = [results[s][variant]["final_val_loss"] for s in results]
         deltas = [results[s][variant]["final_val_loss"] - results[s]["plain"]["final_val_loss"] for s in results]
         jumps = [abs(results[s][variant]["jump"]) for s in results if results[s][variant]["jump"] is not None]
@@ -224,6 +226,8 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which continuations to run (plain is always run: the others are compared to it)")
     parser.add_argument("--data-bytes", type=int, default=2_000_000)
     parser.add_argument("--plot-only", action="store_true", help="redraw retrofit.png from --out/results.json")
     args = parser.parse_args(argv)
@@ -237,6 +241,7 @@ def main(argv=None):
         args.layers, args.pre_steps, args.steps, args.eval_every = 1, 8, 8, 4
         args.batch, args.block, args.warmup, args.data_bytes = 8, 32, 2, 200_000
 
+    args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
     torch.set_num_threads(args.threads)
     data = stdlib_text(args.data_bytes)
     split = int(0.9 * len(data))

@@ -76,7 +76,7 @@ def batches(data: torch.Tensor, steps: int, batch: int, block: int, seed: int):
 
 
 def loss_of(model, x, y):
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()
@@ -106,7 +106,7 @@ def build_model(variant, args):
     options = VARIANT_OPTIONS[variant]
     if options is not None:
         model = mhc_rewrite.convert(model, n=args.n, **options)
-    return model
+    return model.to(getattr(torch, args.dtype))  # bfloat16: weights, activations and streams all in bf16
 
 
 def train_variant(variant, args, train, val_batches, probe):
@@ -207,6 +207,8 @@ def main(argv=None):
                         help=f"which variants to train (default {VARIANTS}; with --stress all)")
     parser.add_argument("--no-block-norm", action="store_true", help="replace the blocks' LayerNorms by identities")
     parser.add_argument("--no-final-norm", action="store_true", help="replace ln_f by an identity")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16: the whole model (parameters, activations, streams) in bf16")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     parser.add_argument("--layers", type=int, default=24, help="transformer blocks (2 residual sites each)")
     parser.add_argument("--width", type=int, default=64)
