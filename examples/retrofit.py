@@ -1,6 +1,6 @@
 """Retrofit mHC onto an already-trained model: does it keep improving, with no loss jump at conversion?
 
-    python examples/retrofit.py --out results/retrofit            # full run (about 10 minutes on one core)
+    python examples/retrofit.py --out results/retrofit            # full run (9 minutes on a busy 2-core machine)
     python examples/retrofit.py --quick --out /tmp/retrofit        # smoke run (under a minute)
 
 Per seed: a plain GPT (``examples/nanogpt.py``) trains ``--pre-steps`` (K) steps on byte-level text (the
