@@ -19,6 +19,9 @@ from .ops import MODES
 INITS = ("identity", "paper")
 N_MAX = 16
 SINKHORN_ITERS_MAX = 200
+CONSTRAINTS = ("sinkhorn", "permutations")
+COLLAPSES = ("mean", "learned")
+MAX_PERMUTATION_STREAMS = 6  # n! logits per token: 720 at n = 6
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class MHCConfig:
         mode: ``"mhc"`` (doubly-stochastic ``H_res``) or ``"hc"`` (unconstrained hyper-connections).
         init: ``"identity"``: the converted model computes the original function until it trains, with the stream
             symmetry broken. ``"paper"``: ``a = 0.01``, ``b = 0`` as read from the paper; not function-preserving.
+        constraint: how mode ``"mhc"`` makes ``H_res`` doubly stochastic: ``"sinkhorn"`` (the paper) or
+            ``"permutations"`` (mHC-lite, arXiv 2601.05732: softmax weights over the n! permutation matrices, exactly
+            doubly stochastic; n <= 6).
+        collapse: how the streams are reduced where the residual leaves a chain: ``"mean"`` or ``"learned"`` (a
+            per-token gate computed from the streams, initialised to the mean).
     """
 
     n: int = field(default=4, metadata=dict(
@@ -51,6 +59,11 @@ class MHCConfig:
         help="'mhc' (doubly-stochastic H_res) or 'hc' (unconstrained hyper-connections)", choices=MODES))
     init: str = field(default="identity", metadata=dict(
         help="'identity' (function-preserving) or 'paper' (a=0.01, b=0)", choices=INITS))
+    constraint: str = field(default="sinkhorn", metadata=dict(
+        help="how mode 'mhc' makes H_res doubly stochastic: 'sinkhorn' or 'permutations' (mHC-lite)",
+        choices=CONSTRAINTS))
+    collapse: str = field(default="mean", metadata=dict(
+        help="how streams are reduced where a chain ends: 'mean' or 'learned' (a per-token gate)", choices=COLLAPSES))
 
     def __new__(cls, *args, **kwargs):
         check_option_names(kwargs)
@@ -59,6 +72,12 @@ class MHCConfig:
     def __post_init__(self):
         for f in fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.constraint == "permutations":
+            if self.mode != "mhc":
+                raise ValueError('constraint="permutations" constrains mode "mhc"; mode "hc" is unconstrained')
+            if self.n > MAX_PERMUTATION_STREAMS:
+                raise ValueError(f'constraint="permutations" needs n <= {MAX_PERMUTATION_STREAMS} (n! logits per '
+                                 f'token), got n={self.n}; use constraint="sinkhorn"')
 
     def to_dict(self) -> dict[str, Any]:
         """The options as a plain dict of JSON types; ``MHCConfig.from_dict(config.to_dict()) == config``."""

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from mhc_rewrite.passes import FindResidualSites, GroupChains, RewriteMHC
-from mhc_rewrite.passes.rewrite_mhc import param_keys
+from mhc_rewrite.passes.rewrite_mhc import param_key, param_keys
 from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
 
 from .checkpointing import checkpoint_units, record_checkpoints
@@ -134,6 +134,17 @@ def _graph_convert(model: fx.GraphModule, example_inputs: Any, config: MHCConfig
     gm.mhc_config = config
     gm.mhc_model_name = type(model).__name__
     return gm
+
+
+def _register_collapses(traced: fx.GraphModule, analysis, config: MHCConfig, region: nn.Module, path: str) -> None:
+    """Create the learned collapses' parameters now (an optimizer made after ``convert`` must see them): rewrite
+    the analysis trace once and keep, under their keys inside the region, the collapses it made."""
+    run_passes([RewriteMHC(config, analysis)], traced)
+    for site in analysis.to_rewrite:
+        absolute = param_key(f"{site.module_path}.collapse", 0)
+        relative = param_key(f"{_relative(site.module_path, path)}.collapse", 0)
+        if absolute in traced.mhc:
+            region.mhc[relative] = traced.mhc[absolute]
 
 
 def _warn_nothing(model: nn.Module, sites: list[ResidualSite]) -> None:
@@ -252,7 +263,9 @@ def convert(
         return _graph_convert(model, example_inputs, config, filter_fn)
     if example_inputs is not None:
         _check_runs(model, example_inputs)
-    sites = run_analysis(trace_unconverted(model, example_inputs), filter_fn).sites
+    traced = trace_unconverted(model, example_inputs)
+    analysis = run_analysis(traced, filter_fn)
+    sites = analysis.sites
     rewritten = [site for site in sites if site.rewrite]
     if not rewritten:
         _warn_nothing(model, sites)
@@ -276,6 +289,8 @@ def convert(
         region.mhc[key] = MHCSiteParams(config, site.channels, site.index, _relative(site.module_path, path), device)
         site.param_name = f"{path + '.' if path else ''}mhc.{key}"
     root.mhc_sites = [site.info() for site in rewritten]
+    if config.collapse == "learned":
+        _register_collapses(traced, analysis, config, region, path)
     root.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     root.mhc_config = config
     region.__dict__["_mhc_state"].sites, region.__dict__["_mhc_state"].skipped = root.mhc_sites, root.mhc_skipped

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import MHCConfig
 from .ops import num_logits
+from .ops.permutations import identity_logit, num_permutation_logits
 
 # How far the identity init leans H_res towards the identity: logits c·I give a diagonal of
 # e^c / (e^c + n - 1) (0.475 at n=4). A saturated (near-permutation) H_res has a near-zero Jacobian.
@@ -28,7 +29,7 @@ def pre_weights(n: int, favoured: int) -> torch.Tensor:
 
 
 def initial_bias(config: MHCConfig, site_index: int) -> torch.Tensor:
-    """The bias ``[pre (n) | post (n) | res (n², row-major)]`` of one site, in float64."""
+    """The bias ``[pre (n) | post (n) | res (n², row-major; n! under constraint="permutations")]``, float64."""
     n = config.n
     pre, post = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     res = torch.zeros(n, n, dtype=torch.float64)
@@ -37,6 +38,11 @@ def initial_bias(config: MHCConfig, site_index: int) -> torch.Tensor:
             w = pre_weights(n, site_index)
             pre = torch.log(w) - torch.log1p(-w)  # sigmoid(pre) = w
             res = RES_DIAGONAL_LOGIT * torch.eye(n, dtype=torch.float64)
+        if config.constraint == "permutations":  # logits over the n! permutations, the identity first
+            res = torch.zeros(num_permutation_logits(n) - 2 * n, dtype=torch.float64)
+            if config.init == "identity":  # the same H_res as Sinkhorn's identity init
+                diagonal = math.exp(RES_DIAGONAL_LOGIT) / (math.exp(RES_DIAGONAL_LOGIT) + n - 1)
+                res[0] = identity_logit(n, diagonal)
         # "paper": b = 0: H_pre = 0.5, H_post = 2·sigmoid(0) = 1, H_res uniform.
     else:  # hc: the bias is the mapping itself (H = b + a·tanh(z))
         one_hot = torch.eye(n, dtype=torch.float64)[site_index % n]  # the HC paper's A_m
@@ -59,7 +65,8 @@ class MHCSiteParams(nn.Module):
     def __init__(self, config: MHCConfig, channels: int, site_index: int, module_path: str = "",
                  device: torch.device | None = None):
         super().__init__()
-        n, m = config.n, num_logits(config.n)
+        n = config.n
+        m = num_permutation_logits(n) if config.constraint == "permutations" else num_logits(n)
         self.n, self.channels, self.module_path = n, channels, module_path
         self.site_index, self.mode, self.init = site_index, config.mode, config.init
         self.bias = nn.Parameter(torch.empty(m, device=device))

@@ -92,7 +92,7 @@ def _coefficient_nodes(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """``mhc::coefficients`` node -> the site's parameter prefix (``mhc.<key>``), read off its bias input."""
     found = {}
     for node in gm.graph.nodes:
-        if node.target is torch.ops.mhc.coefficients.default:
+        if node.target in (torch.ops.mhc.coefficients.default, torch.ops.mhc.coefficients_permutations.default):
             bias = node.args[3]
             found[node] = bias.target.rsplit(".", 1)[0]
     return found

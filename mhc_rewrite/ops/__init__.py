@@ -7,11 +7,14 @@ for tracing, and autograd.
 from .coefficients import MODES, coefficients, coefficients_ref, num_logits
 from .fused import fused_post_res_mix, fused_pre_mix, use_triton
 from .mixing import expand_streams, post_res_mix, post_res_mix_ref, pre_mix, pre_mix_ref, reduce_streams
+from .permutations import coefficients_permutations, coefficients_permutations_ref
 from .sinkhorn import sinkhorn_knopp, sinkhorn_knopp_ref
 
 __all__ = [
     "MODES",
     "coefficients",
+    "coefficients_permutations",
+    "coefficients_permutations_ref",
     "coefficients_ref",
     "expand_streams",
     "fused_post_res_mix",

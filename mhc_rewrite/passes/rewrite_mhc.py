@@ -8,6 +8,9 @@ For a chain ``x1 = x0 + f1(x0); x2 = x1 + f2(x1); ... ; y = g(x_L)`` the graph b
     ...                                                   # one such block per site
     y = g(mhc.reduce_streams(X))                          # where the stream is read outside the chain
 
+With ``collapse="learned"`` the reduces left at the chains' exits become ``learned_collapse`` (ops/collapse.py),
+whose parameters live in ``gm.mhc[<module path>_collapse]``.
+
 Channel-first streams (``[B, C, H, W]``) are moved to channel-last around the ops. Each site's parameters
 live in ``gm.mhc[<module path>]`` (an ``MHCSiteParams``), so they are ordinary trainable parameters of
 the returned module. New nodes carry ``meta["mhc"]`` (site, role) and, when the graph has fake values,
@@ -26,6 +29,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..config import MHCConfig
 from ..errors import MHCRewriteError
+from ..ops.collapse import CollapseParams, learned_collapse
 from ..site_params import MHCSiteParams
 from .base import MHCPass, SiteAnalysis
 from .sites import ResidualSite
@@ -146,6 +150,7 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]
     stream_out: dict[ResidualSite, fx.Node] = {}  # site -> its n-stream output
     expanded: dict[tuple, fx.Node] = {}  # (chain-head stream, channel axis) -> its n-stream tensor
     reduced: dict[fx.Node, fx.Node] = {}  # erased site output -> the reduce that replaced it
+    exits: dict[fx.Node, ResidualSite] = {}  # reduce node -> its site (the live ones are the chain exits)
     for site in sites:
         if site.channels is None:
             raise MHCRewriteError(
@@ -172,8 +177,12 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]
         with graph.inserting_before(_after(streams)):
             params = [make.get_attr(f"{site.param_name}.{name}") if getattr(gm.mhc[key], name) is not None else None
                       for name in ("phi", "alpha", "bias")]
-            coeffs = make("coefficients", mhc.coefficients.default, streams if config.dynamic else None,
-                          *params, config.n, config.sinkhorn_iters, config.mode)
+            if config.constraint == "permutations":  # mHC-lite: ops/permutations.py
+                coeffs = make("coefficients", mhc.coefficients_permutations.default,
+                              streams if config.dynamic else None, *params, config.n)
+            else:
+                coeffs = make("coefficients", mhc.coefficients.default, streams if config.dynamic else None,
+                              *params, config.n, config.sinkhorn_iters, config.mode)
             h_pre, h_post, h_res = (make(role, operator.getitem, coeffs, i)
                                     for i, role in enumerate(("h_pre", "h_post", "h_res")))
             branch_input = make.from_channel_last(make("pre_mix", mhc.pre_mix.default, streams, h_pre))
@@ -186,7 +195,9 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]
                 branch = make("branch_sum", torch.add, branch, other)
             streams = make("post_res_mix", mhc.post_res_mix.default, streams, make.to_channel_last(branch),
                            h_post, h_res)
-            out = make.from_channel_last(make("reduce", mhc.reduce_streams.default, streams))
+            reduce = make("reduce", mhc.reduce_streams.default, streams)
+            out = make.from_channel_last(reduce)
+        exits[reduce] = site
         site.output.replace_all_uses_with(out)
         for user in list(out.users):  # torch.export's dtype checks would keep an otherwise unused reduce alive
             if user.target is torch.ops.aten._assert_tensor_metadata.default:
@@ -196,6 +207,8 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]
             graph.erase_node(add)
         stream_out[site] = streams
     graph.eliminate_dead_code()
+    if config.collapse == "learned":
+        _learn_collapses(gm, fake_mode, exits, config)
     graph.lint()
     gm.recompile()
     return True
@@ -232,3 +245,18 @@ class RewriteMHC(MHCPass):
         expands = sum(node.target is mhc.expand_streams.default for node in live)
         chains = len({site.chain for site in sites})
         assert expands <= chains, f"{expands} expand_streams for {chains} chain(s)"
+
+
+def _learn_collapses(gm: fx.GraphModule, fake_mode, exits: dict[fx.Node, ResidualSite], config: MHCConfig) -> None:
+    """Swap every live mean-reduce (a chain's exit) for a learned collapse with its own ``CollapseParams``."""
+    for reduce in [node for node in gm.graph.nodes if node in exits]:
+        site = exits[reduce]
+        make = _NodeMaker(gm, fake_mode, site)
+        key = param_key(f"{site.module_path}.collapse", 0)  # stable: every trace of the model reuses it
+        if key not in gm.mhc:
+            gm.mhc[key] = CollapseParams(config.n, site.channels, site.module_path, _device(site, gm))
+        with gm.graph.inserting_before(reduce):
+            params = [make.get_attr(f"mhc.{key}.{name}") for name in ("phi", "alpha", "bias")]
+            gated = make("collapse", learned_collapse, reduce.args[0], *params)
+        reduce.replace_all_uses_with(gated)
+        gm.graph.erase_node(reduce)
