@@ -68,7 +68,7 @@ class MHCSiteParams(nn.Module):
         n = config.n
         m = num_permutation_logits(n) if config.constraint == "permutations" else num_logits(n)
         self.n, self.channels, self.module_path = n, channels, module_path
-        self.site_index, self.mode, self.init = site_index, config.mode, config.init
+        self.site_index, self.mode, self.init, self.constraint = site_index, config.mode, config.init, config.constraint
         self.bias = nn.Parameter(torch.empty(m, device=device))
         if config.dynamic:
             self.alpha = nn.Parameter(torch.empty(3, device=device))
@@ -84,7 +84,7 @@ class MHCSiteParams(nn.Module):
 
         Also what a meta-device workflow calls after ``to_empty()``.
         """
-        config = MHCConfig(n=self.n, mode=self.mode, init=self.init)
+        config = MHCConfig(n=self.n, mode=self.mode, init=self.init, constraint=self.constraint)
         self.bias.copy_(initial_bias(config, self.site_index))
         if self.phi is not None:
             # alpha = 0 keeps the function exact at init while phi, small and random, gives the gates a

@@ -69,6 +69,8 @@ def _train_and_check():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
 
+    with torch.no_grad():
+        gm(batch[:, :32])  # the no-grad specialisation is traced here, not inside the recorder
     with torch.no_grad(), CoefficientRecorder() as recorder:
         gm(batch[:, :32])
     assert len(recorder.calls) == 2 * config.n_layer

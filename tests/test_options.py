@@ -17,7 +17,8 @@ from models import ResidualMLP
 def test_to_dict_from_dict_round_trip_through_json():
     config = MHCConfig(n=2, dynamic=False, sinkhorn_iters=7, mode="hc", init="paper")
     data = json.loads(json.dumps(config.to_dict()))
-    assert data == {"n": 2, "dynamic": False, "sinkhorn_iters": 7, "mode": "hc", "init": "paper"}
+    assert data == {"n": 2, "dynamic": False, "sinkhorn_iters": 7, "mode": "hc", "init": "paper",
+                    "constraint": "sinkhorn", "collapse": "mean"}
     assert MHCConfig.from_dict(data) == config
     assert MHCConfig.from_dict({}) == MHCConfig()
     assert pickle.loads(pickle.dumps(config)) == config
@@ -32,7 +33,8 @@ def test_converted_model_records_its_options_as_a_config():
 @pytest.mark.parametrize("data,message", [
     ({"n": 4, "sinkhorn_iter": 5}, "unknown option 'sinkhorn_iter': did you mean 'sinkhorn_iters'? valid options are "
                                    "n, dynamic, sinkhorn_iters, mode, init"),
-    ({"filter_fn": None}, "unknown option 'filter_fn': valid options are n, dynamic, sinkhorn_iters, mode, init"),
+    ({"filter_fn": None}, "unknown option 'filter_fn': valid options are n, dynamic, sinkhorn_iters, mode, init, "
+                          "constraint, collapse"),
     ({"n": "4"}, "n must be an int, got str ('4')"),
 ])
 def test_from_dict_validates_like_user_input(data, message):
@@ -46,7 +48,7 @@ def test_from_dict_validates_like_user_input(data, message):
     (dict(sinkhorn_iters=10**7), ValueError,
      "sinkhorn_iters=10000000 is out of range: sinkhorn_iters must be from 1 to 200 (the paper uses 20"),
     (dict(n=4, sinkhron_iters=5), TypeError, "unknown option 'sinkhron_iters': did you mean 'sinkhorn_iters'? "
-                                             "valid options are n, dynamic, sinkhorn_iters, mode, init, filter_fn"),
+                                             "valid options are n, dynamic, sinkhorn_iters, mode, init, constraint, collapse, filter_fn"),
     (dict(filter=lambda s: True), TypeError, "unknown option 'filter': did you mean 'filter_fn'?"),
     (dict(mode="mch"), ValueError, "mode must be one of ('mhc', 'hc'), got 'mch'"),
 ])
