@@ -25,7 +25,7 @@ from mhc_rewrite.kernels.fused_pre import fused_pre_mix_bwd, fused_pre_mix_fwd  
 from mhc_rewrite.kernels.post_res import post_res_mix_bwd, post_res_mix_fwd  # noqa: E402
 
 import paper  # noqa: E402
-from models import GPT, GPTConfig  # noqa: E402
+from models import GPT, GPTConfig, perturb_mhc  # noqa: E402
 from tolerances import rel_err  # noqa: E402
 
 mhc = torch.ops.mhc
@@ -104,9 +104,17 @@ def measure_mixing(seed):
                 for got in (lib_grads, kernel_grads):
                     for g_, w in zip(got, ref_grads):
                         record(f"streams {dtype}", rel_err(g_, w))
-                if static:  # the static pre-mix kernel
+                # pre-mix (static: the kernel's static mode too), forward and backward
+                ref_y = paper.pre_mix(ref_in[0], ref_in[2])
+                d_y = torch.randn(ref_y.shape, generator=g).to(dtype)
+                ref_pre_grads = torch.autograd.grad(ref_y, (ref_in[0], ref_in[2]), d_y.double())
+                y = mhc.pre_mix(lib_in[0], lib_in[2])
+                record(f"streams {dtype}", rel_err(y, ref_y))
+                for g_, w in zip(torch.autograd.grad(y, (lib_in[0], lib_in[2]), d_y), ref_pre_grads):
+                    record(f"streams {dtype}", rel_err(g_, w))
+                if static:
                     y = fused_pre_mix_fwd(X, None, None, None, h_post, n, 20, "mhc", block_c=16)[0]
-                    record(f"streams {dtype}", rel_err(y, paper.pre_mix(X.double(), h_post.double())))
+                    record(f"streams {dtype}", rel_err(y, ref_y))
 
 
 def log_domain_sinkhorn(logits, iters):
@@ -175,9 +183,7 @@ def measure_models(seed):
     gm = mhc_rewrite.convert(gpt, example_inputs=(idx,))
     with torch.no_grad():
         record("converted vs original fp32", rel_err(gm(idx), gpt(idx)))
-    with torch.no_grad():
-        for p in gm.mhc.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb_mhc(gm)
     lowered = copy.deepcopy(gm)
     mhc_rewrite.passes.lower_fused(lowered)
     want, got = gm(idx), lowered(idx)
@@ -232,7 +238,7 @@ def main():
     parts = [measure_coefficients, measure_mixing, measure_sinkhorn, measure_few_roundings, measure_models,
              measure_low_precision_training]
     chosen = [p for p in parts if not sys.argv[1:] or p.__name__ in sys.argv[1:]]  # e.g. measure_sinkhorn
-    for seed in range(3):
+    for seed in range(int(os.environ.get("SEEDS", "3"))):
         for part in chosen:
             part(seed)
     width = max(len(k) for k in worst)

@@ -10,13 +10,10 @@ from torch.nn import functional as F
 
 import mhc_rewrite
 
-from models import GPT, GPTConfig, ParallelNet, PostNormNet, ResidualMLP, ResNetish, hf_gpt2, hf_llama
+from models import GPT, GPTConfig, ParallelNet, PostNormNet, ResidualMLP, ResNetish, hf_gpt2, hf_llama, perturb_mhc
+from tolerances import rel_err, tolerance
 
-TOL = 1e-5  # fp32 relative error allowed at init (SPEC §2)
-
-
-def rel_err(got, want):
-    return ((got - want).abs().max() / want.abs().max()).item()
+TOL = tolerance("function_at_init")  # fp32 relative error allowed at init
 
 
 def _logits(out):
@@ -158,17 +155,10 @@ def test_parameters_are_named_after_module_paths():
     assert dict(gm.named_parameters())["model.layers.0.mlp.up_proj.weight"] is model.model.layers[0].mlp.up_proj.weight
 
 
-def _perturbed(gm):
-    with torch.no_grad():
-        for p in _mhc_params(gm).values():
-            p.add_(0.1 * torch.randn_like(p))
-    return gm
-
-
 def test_state_dict_round_trip():
     torch.manual_seed(0)
     model, inputs = CASES["nanogpt"]()
-    trained = _perturbed(mhc_rewrite.convert(model, example_inputs=inputs))
+    trained = perturb_mhc(mhc_rewrite.convert(model, example_inputs=inputs))
     fresh = mhc_rewrite.convert(copy.deepcopy(model), example_inputs=inputs)
     assert rel_err(fresh(*inputs), trained(*inputs)) > 1e-3
     fresh.load_state_dict(trained.state_dict())
@@ -180,7 +170,7 @@ def test_state_dict_round_trip():
 def test_deepcopy_and_save_load(name):
     torch.manual_seed(0)
     model, inputs = CASES[name]()
-    gm = _perturbed(mhc_rewrite.convert(model, example_inputs=inputs))
+    gm = perturb_mhc(mhc_rewrite.convert(model, example_inputs=inputs))
     want = gm(*inputs)
     torch.testing.assert_close(copy.deepcopy(gm)(*inputs), want)
     buffer = io.BytesIO()

@@ -11,14 +11,7 @@ from torch.nn import functional as F
 
 import mhc_rewrite
 
-from models import GPT, GPTConfig, hf_llama
-
-
-def _perturbed(gm):
-    with torch.no_grad():
-        for p in gm.mhc.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return gm
+from models import GPT, GPTConfig, hf_llama, perturb_mhc
 
 
 @pytest.mark.parametrize("build,vocab", [(lambda: GPT(GPTConfig(n_layer=2)), 64), (lambda: hf_llama(2), 96)],
@@ -26,7 +19,7 @@ def _perturbed(gm):
 def test_export_save_load_round_trip(tmp_path, build, vocab):
     torch.manual_seed(0)
     idx = torch.randint(0, vocab, (2, 16))
-    gm = _perturbed(mhc_rewrite.convert(build(), example_inputs=(idx,)))
+    gm = perturb_mhc(mhc_rewrite.convert(build(), example_inputs=(idx,)))
     program = torch.export.export(gm, (idx,), strict=False)
     torch.export.save(program, tmp_path / "model.pt2")
     loaded = torch.export.load(tmp_path / "model.pt2").module()

@@ -37,7 +37,7 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("coefficient_grads", F32): Tolerance(
         5e-5, 1.9e-6, "d_phi/d_alpha/d_bias accumulate over tokens in float32 vs float64 autograd; 25x margin"),
     ("streams", F32): Tolerance(
-        1e-5, 4.4e-7, "float32 stream outputs and their gradients vs float64 on the same inputs; 20x margin"),
+        1e-5, 4.6e-7, "float32 stream outputs and their gradients vs float64 on the same inputs; 20x margin"),
     ("streams", BF16): Tolerance(
         1e-2, 7.4e-3, "bf16 outputs are rounded to 8 bits (2^-9 = 2e-3 per rounding, a few roundings per value); "
                       "the limit is the pre-existing one, 1.35x the measured worst, not widened"),

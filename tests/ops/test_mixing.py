@@ -41,6 +41,23 @@ def test_gradcheck_float64(static):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_low_precision_pre_mix_backward(dtype, static):
+    """The pre-mix's backward with bf16/fp16 streams (a static site's pre-mix is this op), against float64."""
+    X, _, h_pre, _ = _inputs((4,), 4, 32, dtype=torch.float32, static=static)
+    X = X.to(dtype).requires_grad_()
+    h_pre.requires_grad_()
+    y = mhc.pre_mix(X, h_pre)
+    d_y = torch.randn(y.shape).to(dtype)
+    got = torch.autograd.grad(y, (X, h_pre), d_y)
+    ref_in = [X.detach().double().requires_grad_(), h_pre.detach().double().requires_grad_()]
+    want = torch.autograd.grad(_loop_pre_mix(*ref_in), ref_in, d_y.double())
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert_close(got[0], want[0], "streams", dtype, msg="d_streams")
+    assert_close(got[1], want[1], "streams", dtype, msg="d_h_pre")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_streams_keep_their_dtype(dtype):
     X, f, h_post, h_res = _inputs((4,), 4, 32, dtype=torch.float32)
     out = mhc.post_res_mix(X.to(dtype), f.to(dtype), h_post, h_res)
