@@ -189,9 +189,23 @@ def test_graph_module_input_is_not_mutated():
     assert traced.code == code and len(gm.mhc_sites) == 4
 
 
-def test_config_object_and_keywords_agree():
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_config_object_and_keywords_agree(dynamic):
+    """convert(config=MHCConfig(...)) and convert(**keywords) build the same model; ``dynamic`` decides whether
+    each site has a projection (phi [n·C, n²+2n], alpha [3]) or only a bias."""
     model, inputs = CASES["residual_mlp"]()
-    config = mhc_rewrite.MHCConfig(n=2, dynamic=False)
-    gm = mhc_rewrite.convert(model, config=config)
-    assert gm.mhc_config == config
-    assert next(iter(gm.mhc.values())).bias.shape == (2 * 2 + 2 * 2,)
+    config = mhc_rewrite.MHCConfig(n=2, dynamic=dynamic)
+    torch.manual_seed(3)
+    by_config = perturb_mhc(mhc_rewrite.convert(copy.deepcopy(model), config=config))
+    torch.manual_seed(3)
+    by_keywords = perturb_mhc(mhc_rewrite.convert(copy.deepcopy(model), n=2, dynamic=dynamic))
+    shapes = {name: tuple(p.shape) for name, p in _mhc_params(by_config).items()}
+    assert shapes == {name: tuple(p.shape) for name, p in _mhc_params(by_keywords).items()}
+    expected = {"bias": (2 * 2 + 2 * 2,)}
+    if dynamic:
+        expected.update(phi=(2 * 16, 2 * 2 + 2 * 2), alpha=(3,))  # width 16, n = 2
+    assert len(shapes) == 4 * len(expected)  # 4 sites
+    for name, shape in shapes.items():
+        assert shape == expected[name.rsplit(".", 1)[1]], name
+    with torch.no_grad():
+        assert torch.equal(by_config(*inputs), by_keywords(*inputs))
