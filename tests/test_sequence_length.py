@@ -1,6 +1,6 @@
 """A model converted from example inputs of one shape runs at other sequence lengths and batch sizes, as users do.
 
-Converted with (2, 16) token ids, then run at lengths 8 and 24 and batch 3: at identity init it equals the original
+Converted with (2, 16) token ids, then run at length 8, and at length 24 with batch 3: at identity init it equals the original
 model there; with moved mHC parameters it equals the same parameters converted directly at that shape (the
 rewrite does not depend on the example's shape), and gradients reach every new parameter.
 """
@@ -28,7 +28,7 @@ def _logits(out):
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
-@pytest.mark.parametrize("shape", [(2, 8), (2, 24), (3, 16)])
+@pytest.mark.parametrize("shape", [(2, 8), (3, 24)])
 def test_other_sequence_lengths_and_batches(name, shape):
     torch.manual_seed(0)
     model = BUILDERS[name]()
