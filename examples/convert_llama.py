@@ -1,6 +1,6 @@
 """Main demo: convert a Hugging Face Llama (built from its config, random weights) to mHC and show what changed.
 
-    python examples/convert_llama.py [--layers 4] [--n 4] [--steps 20]
+    python examples/convert_llama.py [--layers 4] [--n 4] [--steps 20] [--save outputs.pt]
 
 Prints the residual sites found, the code of one decoder layer before and after the rewrite, the error of
 the converted model against the original at init (fp32), and a few training steps of the converted model.
@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--n", type=int, default=4, help="residual streams (default 4)")
     parser.add_argument("--steps", type=int, default=20, help="training steps to run after converting (default 20)")
+    parser.add_argument("--save", help="write the logits at init and the losses to this file (torch.save)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -50,6 +51,7 @@ def main():
     err = (got - want).abs().max().item()
     print(f"\nmax |converted - original| at init: {err:.3e} (relative {err / want.abs().max().item():.3e})")
 
+    losses = []
     if args.steps:
         print(f"\ntraining the converted model for {args.steps} steps on counting sequences:")
         opt = torch.optim.AdamW(converted.parameters(), lr=3e-3)
@@ -59,8 +61,11 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(loss.item())
             if step % 5 == 0 or step == args.steps - 1:
                 print(f"  step {step:3d}  loss {loss.item():.3f}")
+    if args.save:
+        torch.save({"original_logits": want, "converted_logits": got, "losses": losses}, args.save)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A model converted from example inputs of one shape runs at other sequence lengths and batch sizes, as users do.
 
-Converted with (2, 16) token ids, then run at length 8, and at length 24 with batch 3: at identity init it equals the original
-model there; with moved mHC parameters it equals the same parameters converted directly at that shape (the
-rewrite does not depend on the example's shape), and gradients reach every new parameter.
+Converted with (2, 16) token ids, then run at length 8, and at length 24 with batch 3: at identity init it equals
+the original model there; with moved mHC parameters it equals the same parameters converted directly at that shape
+(the rewrite does not depend on the example's shape), and gradients reach every new parameter.
 """
 
 import copy

@@ -1,15 +1,18 @@
-"""Pictures: each file written is decoded and has the size asked for."""
+"""Pictures: each file written is decoded and has the size asked for, and shows what it should: the figure
+holds the plotted values themselves (every site's H_res, every gain), labels and a legend, and is not blank."""
 
 import xml.etree.ElementTree as ET
 
 import matplotlib.image as mpimg
+import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import fx
 
 import mhc_rewrite
 from mhc_rewrite.inspect import block_graph, draw_graph, plot_gains, plot_h_res, stream_diagnostics
 
-from models import ResidualMLP
+from models import ResidualMLP, perturb_mhc
 
 
 def _png_size(path):
@@ -32,8 +35,43 @@ def test_graph_drawing_png_and_svg(tmp_path):
     assert (root.get("width"), root.get("height")) == ("576pt", "432pt")  # 72 pt per inch
 
 
-def test_heat_maps_and_gain_plot(tmp_path):
-    gm = mhc_rewrite.convert(ResidualMLP(depth=8))
+def _saved_figures(monkeypatch):
+    """Keep every figure the library saves, so that its content can be read back."""
+    figures, savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+def _not_blank(path):
+    rgb = mpimg.imread(path)[..., :3]
+    return rgb.std() > 0.05 and (rgb.min(-1) < 0.9).mean() > 0.01  # varied, with ink on over 1% of the page
+
+
+def test_heat_maps_and_gain_plot(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    gm = perturb_mhc(mhc_rewrite.convert(ResidualMLP(depth=8)), scale=0.5)  # H_res differ from site to site
     diag = stream_diagnostics(gm, torch.randn(4, 6))
+    figures = _saved_figures(monkeypatch)
     assert _png_size(plot_h_res(diag, tmp_path / "h_res.png", dpi=50, columns=6)) == (600, 220)  # 2 rows
     assert _png_size(plot_gains(diag, tmp_path / "gains.png", dpi=100)) == (600, 350)
+    assert _not_blank(tmp_path / "h_res.png") and _not_blank(tmp_path / "gains.png")
+    heat, gains = figures
+
+    shown = [image.get_array() for ax in heat.axes for image in ax.get_images()]
+    assert len(shown) == len(diag.sites) == 8
+    for site, array in zip(diag.sites, shown):
+        np.testing.assert_array_equal(np.asarray(array), site.h_res.numpy())  # the values themselves, in order
+    titles = " ".join(ax.get_title() for ax in heat.axes)
+    assert all(site.module_path in titles for site in diag.sites)
+
+    (ax,) = gains.axes
+    assert ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+    lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    for chain, values in diag.gains.items():
+        np.testing.assert_array_equal(lines[f"chain {chain} forward"], values["forward"])
+        np.testing.assert_array_equal(lines[f"chain {chain} backward"], values["backward"])
