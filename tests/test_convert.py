@@ -133,9 +133,9 @@ def test_streams_learn_to_differ_and_h_res_gets_gradient(dynamic):
     def spread(streams):  # how far the streams are from their mean, relative to their size
         return [((s - s.mean(dim=-2, keepdim=True)).abs().max() / s.abs().max()).item() for s in streams]
 
-    assert max(spread(_StreamRecorder(gm).record(probe))) < 1e-6  # equal at init, up to fp32 rounding
+    assert max(spread(_StreamRecorder(gm).record(probe))) <= tolerance("few_roundings")  # equal at init
     _count_task(12, gm)
-    assert min(spread(_StreamRecorder(gm).record(probe))) > 1e-4  # > 100x the rounding at init
+    assert min(spread(_StreamRecorder(gm).record(probe))) > 100 * tolerance("few_roundings")  # learnt, not rounding
     n = 4
     interior = list(gm.mhc.values())[1:-1]
     assert len(interior) == 2
