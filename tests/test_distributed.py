@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import distributed_train as example  # noqa: E402
 
+from tolerances import assert_close  # noqa: E402
+
 # What a rendezvous that lost its port prints: the only failure that earns a relaunch (a bug in training does not).
 PORT_TAKEN = re.compile(r"Address already in use|EADDRINUSE|failed to (bind|listen)", re.IGNORECASE)
 relaunches = []  # (wrap, the matched message): reported by the tests' warnings
@@ -66,12 +68,12 @@ def test_ddp_gradients_equal_one_process_on_the_full_batch(runs):
     names = [name for name, _ in model.named_parameters()]
     assert sorted(ddp_grads) == sorted(names) and any(name.startswith("mhc.") for name in names)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
-    assert results["resumed"] == pytest.approx(results["uninterrupted"][3:], abs=1e-6)
+        assert_close(ddp_grads[name], p.grad, "data_parallel", msg=name)
+    assert results["resumed"] == results["uninterrupted"][3:]  # exact: the same operations on the same state
     assert results["uninterrupted"][-1] < results["uninterrupted"][0] - 0.3  # it learns
 
 
 def test_fsdp2_trains_and_resumes_like_ddp(runs):
     fsdp, ddp = runs["fsdp"][0], runs["ddp"][0]
-    assert fsdp["resumed"] == pytest.approx(fsdp["uninterrupted"][3:], abs=1e-6)
-    assert fsdp["uninterrupted"] == pytest.approx(ddp["uninterrupted"], abs=1e-5)
+    assert fsdp["resumed"] == fsdp["uninterrupted"][3:]  # exact, as for DDP
+    assert fsdp["uninterrupted"] == ddp["uninterrupted"]  # exact on CPU with one thread per process (measured)

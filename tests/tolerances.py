@@ -46,6 +46,9 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("same_math", F32): Tolerance(
         1e-4, 4.0e-6, "two float32 paths of one function (fused vs reference ops, compiled vs eager), outputs and "
                       "whole-model gradients, relative to each tensor's largest value; 25x margin"),
+    ("data_parallel", F32): Tolerance(
+        1e-5, 4.0e-7, "DDP's averaged gradients (2 processes) vs one process on the full batch: float32 sums in "
+                      "another order; 25x margin (measured once, by the distributed test's own runs)"),
     ("function_at_init", F32): Tolerance(
         1e-5, 3.2e-7, "converted model at identity init vs the original, float32 (the design's promise); 30x margin"),
     ("sinkhorn_rows", F32): Tolerance(
