@@ -24,10 +24,9 @@ from torch import fx, nn
 from torch._guards import detect_fake_mode
 from torch.fx.passes.infra.pass_base import PassResult
 
-from mhc_rewrite.config import MHCConfig
-from mhc_rewrite.errors import MHCRewriteError
-from mhc_rewrite.site_params import MHCSiteParams
-
+from ..config import MHCConfig
+from ..errors import MHCRewriteError
+from ..site_params import MHCSiteParams
 from .sites import ResidualSite
 
 log = logging.getLogger(__name__)
