@@ -59,6 +59,30 @@ def _paper_outputs(inputs, n, iters, mode):
     return paper.coefficients(X, phi, alpha, bias, n, iters)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_streams_forward_and_backward(dtype):
+    """bf16/fp16 streams (a cast or autocast model): the coefficients and their gradients are float32, computed
+    in float32 from the rounded streams, so they match float64 on those same streams to float32 accuracy."""
+    n, C = 4, 8
+    X, phi, alpha, bias = (t.float() for t in _params(n, C))
+    X = X.to(dtype).requires_grad_()
+    params = [t.requires_grad_() for t in (phi, alpha, bias)]
+    got = coefficients(X, *params, n, 20, "mhc")
+    assert all(h.dtype == torch.float32 for h in got)
+    ref_in = [X.detach().double().requires_grad_(), *(p.detach().double().requires_grad_() for p in params)]
+    want = paper.coefficients(*ref_in, n, 20)
+    for g, w in zip(got, want):
+        assert_close(g, w, "coefficients")
+    grads = [torch.randn_like(h) for h in got]
+    got_grads = torch.autograd.grad(got, [X, *params], grads)
+    want_grads = torch.autograd.grad(want, ref_in, [g.double() for g in grads])
+    assert got_grads[0].dtype == dtype
+    assert_close(got_grads[0], want_grads[0], "streams", dtype, msg="d_streams")
+    for name, g, w in zip(("d_phi", "d_alpha", "d_bias"), got_grads[1:], want_grads[1:]):
+        assert g.dtype == torch.float32
+        assert_close(g, w, "coefficient_grads", msg=name)
+
+
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_hand_derived_backward_equals_autograd(mode, dynamic):
