@@ -54,7 +54,11 @@ def test_identity_init_preserves_the_function_for_every_option(options):
 
 
 def test_paper_init_is_not_function_preserving():
-    model, inputs = CASES["residual_mlp"]()
+    # The paper's init reads every stream with H_pre = 0.5, so the branch sees n/2 = 2 times x. A pre-norm branch
+    # (ResidualMLP) normalises that away (measured: 9.5e-4, the LayerNorm's eps); a branch without a norm in front
+    # of its layers does not.
+    torch.manual_seed(0)
+    model, inputs = CASES["post_norm"]()
     gm = mhc_rewrite.convert(model, init="paper")
     assert rel_err(gm(*inputs), model(*inputs)) > 1e-3
     assert all(torch.allclose(p.alpha, torch.full((3,), 0.01)) for p in gm.mhc.values())
