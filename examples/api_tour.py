@@ -1,6 +1,6 @@
 """A tour of the public API on a small GPT: every call the docstrings show, runnable.
 
-    python examples/api_tour.py [--compile]
+    python examples/api_tour.py [--compile] [--save outputs.pt]
 """
 
 import argparse
@@ -21,7 +21,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile", action="store_true",
                         help="also torch.compile through the mhc backend (slow on CPU)")
+    parser.add_argument("--save", help="write the losses, gains and outputs to this file (torch.save)")
     args = parser.parse_args()
+    saved = {"losses": []}
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_embd=32, block_size=32))
     idx = torch.randint(0, 256, (4, 33))
@@ -45,16 +47,21 @@ def main():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        saved["losses"].append(loss.item())
         print(f"step {step} loss {loss.item():.3f}")
 
     # 4. look at the streams
     forward, backward = mhc_rewrite.stream_diagnostics(converted, idx[:, :-1]).max_gain()
     print(f"Amax gain of the composite residual map: forward {forward:.4f}, backward {backward:.4f}")
+    saved["gain"] = (forward, backward)
 
     # 5. compile: lowers the mHC ops to the fused Triton kernels (CUDA) and compiles with Inductor
     if args.compile:
         compiled = torch.compile(converted, backend="mhc", fullgraph=True)
-        print("compiled output matches:", torch.allclose(compiled(idx[:, :-1]), converted(idx[:, :-1]), atol=1e-5))
+        saved["compiled"], saved["eager"] = compiled(idx[:, :-1]).detach(), converted(idx[:, :-1]).detach()
+        print("compiled output matches:", torch.allclose(saved["compiled"], saved["eager"], atol=1e-5))
+    if args.save:
+        torch.save(saved, args.save)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Main demo: convert a Hugging Face Llama (built from its config, random weights) to mHC and show what changed.
 
-    python examples/convert_llama.py [--layers 4] [--n 4] [--steps 20]
+    python examples/convert_llama.py [--layers 4] [--n 4] [--steps 20] [--save outputs.pt]
 
 The model is built as users load one (default config: key-value cache on). Prints the residual sites found,
 the code of one decoder layer before and after the rewrite, the error of the converted model against the
@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--n", type=int, default=4, help="residual streams (default 4)")
     parser.add_argument("--steps", type=int, default=20, help="training steps to run after converting (default 20)")
+    parser.add_argument("--save", help="write the logits at init and the losses to this file (torch.save)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -55,6 +56,7 @@ def main():
                        converted.generate(prompt, max_new_tokens=8, do_sample=False))
     print(f"greedy generate(), 8 new tokens: {'the same tokens as the original' if same else 'DIFFERENT tokens'}")
 
+    losses = []
     if args.steps:
         print(f"\ntraining the converted model for {args.steps} steps on counting sequences:")
         converted.train()
@@ -65,8 +67,11 @@ def main():
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(loss.item())
             if step % 5 == 0 or step == args.steps - 1:
                 print(f"  step {step:3d}  loss {loss.item():.3f}")
+    if args.save:
+        torch.save({"original_logits": want, "converted_logits": got, "losses": losses}, args.save)
 
 
 if __name__ == "__main__":

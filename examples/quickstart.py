@@ -1,7 +1,9 @@
 """Quickstart: find the residuals of a small model, convert it, and check it computes the same function.
 
-    python examples/quickstart.py
+    python examples/quickstart.py [outputs.pt]
 """
+
+import sys
 
 import torch
 from torch import nn
@@ -21,7 +23,8 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
-def main():
+def main(save=None):
+    """Args: save: a path to write the input and both models' outputs to (torch.save), or None."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), *[Block(32) for _ in range(4)], nn.Linear(32, 2))
 
@@ -32,7 +35,10 @@ def main():
     err = (converted(x) - model(x)).abs().max().item()
     print(f"\n{len(converted.mhc_sites)} sites rewritten; max |converted - original| = {err:.2e}")
     print("new parameters:", [name for name, _ in converted.named_parameters() if name.startswith("mhc.")][:3], "...")
+    if save:
+        with torch.no_grad():
+            torch.save({"original": model(x), "converted": converted(x), "sites": len(converted.mhc_sites)}, save)
 
 
 if __name__ == "__main__":
-    main()
+    main(save=sys.argv[1] if len(sys.argv) > 1 else None)

@@ -9,6 +9,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+
+def perturb_mhc(model: nn.Module, scale: float = 0.1) -> nn.Module:
+    """Move every mHC parameter (``mhc.*``) by ``scale`` x N(0, 1), in place, so that a converted model no longer
+    computes the identity-initialised function; returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("mhc.") or ".mhc." in name:  # the region's mHC parameters, wherever it is
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
 # --- a toy residual MLP (symbolic_trace works, no example inputs needed) ------------------------------
 
 

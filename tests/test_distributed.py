@@ -3,8 +3,11 @@ process on the full batch; FSDP2 trains the same; a torch.distributed.checkpoint
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import uuid
 import warnings
 
 import pytest
@@ -14,17 +17,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import distributed_train as example  # noqa: E402
 
+from tolerances import assert_close  # noqa: E402
+
+# What a rendezvous that lost its port prints: the only failure that earns a relaunch (a bug in training does not).
+PORT_TAKEN = re.compile(r"Address already in use|EADDRINUSE|failed to (bind|listen)", re.IGNORECASE)
+relaunches = []  # (wrap, the matched message): reported by the tests' warnings
+
+
+def _free_port():
+    """A port the OS has just handed out and taken back: free now, unlikely to be reused within the second."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 def _torchrun(wrap, out):
+    """One torchrun of the example, with its own rendezvous port and id (runs started at once by other test
+    sessions on this machine never share a store). A clash on that port, recognised by its message, gets one
+    relaunch on a new port, counted and reported; any other failure fails the test."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "examples/distributed_train.py", "--wrap", wrap, "--out", str(out)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    if result.returncode != 0:
-        # Seen once in a full local run, never reproduced in isolation: a launch failure of the two processes.
-        # One relaunch, with the first failure kept visible; a real bug fails both times.
-        warnings.warn(f"torchrun failed once, relaunching; its stderr ended with:\n{result.stderr[-2000:]}")
+    for attempt in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                   "--rdzv-id", uuid.uuid4().hex, "examples/distributed_train.py", "--wrap", wrap, "--out", str(out)]
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        clash = PORT_TAKEN.search(result.stderr)
+        if result.returncode == 0 or clash is None or attempt == 1:
+            break
+        relaunches.append((wrap, clash.group(0)))
+        warnings.warn(f"torchrun relaunch {len(relaunches)} ({wrap}): its rendezvous port was taken ({clash.group(0)})")
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
@@ -47,12 +68,12 @@ def test_ddp_gradients_equal_one_process_on_the_full_batch(runs):
     names = [name for name, _ in model.named_parameters()]
     assert sorted(ddp_grads) == sorted(names) and any(name.startswith("mhc.") for name in names)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
-    assert results["resumed"] == pytest.approx(results["uninterrupted"][3:], abs=1e-6)
+        assert_close(ddp_grads[name], p.grad, "data_parallel", msg=name)
+    assert results["resumed"] == results["uninterrupted"][3:]  # exact: the same operations on the same state
     assert results["uninterrupted"][-1] < results["uninterrupted"][0] - 0.3  # it learns
 
 
 def test_fsdp2_trains_and_resumes_like_ddp(runs):
     fsdp, ddp = runs["fsdp"][0], runs["ddp"][0]
-    assert fsdp["resumed"] == pytest.approx(fsdp["uninterrupted"][3:], abs=1e-6)
-    assert fsdp["uninterrupted"] == pytest.approx(ddp["uninterrupted"], abs=1e-5)
+    assert fsdp["resumed"] == fsdp["uninterrupted"][3:]  # exact, as for DDP
+    assert fsdp["uninterrupted"] == ddp["uninterrupted"]  # exact on CPU with one thread per process (measured)

@@ -1,21 +1,23 @@
-"""The README's main job (examples/convert_llama.py) runs and reports what it should."""
+"""The examples run, and each test reaches its own verdict from what the example saved (its outputs, losses and
+gains), not from the example's printed judgement."""
 
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 
 import matplotlib.image as mpimg
-import pytest
+import torch
+
+from tolerances import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_main_demo_runs_and_preserves_the_function():
-    result = subprocess.run([sys.executable, "examples/convert_llama.py", "--layers", "2", "--steps", "8"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_main_demo_runs_and_preserves_the_function(tmp_path):
+    result = subprocess.run([sys.executable, "examples/convert_llama.py", "--layers", "2", "--steps", "8", "--save",
+                             str(tmp_path / "outputs.pt")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "model.layers.1.mlp" in out and "rewritten" in out  # the sites table
@@ -23,19 +25,20 @@ def test_main_demo_runs_and_preserves_the_function():
     assert "torch.ops.mhc" not in before.split("=== model.layers.0, before")[1]
     for op in ("expand_streams", "coefficients", "pre_mix", "post_res_mix"):
         assert f"torch.ops.mhc.{op}" in after
-    relative = float(re.search(r"relative ([0-9.e+-]+)\)", out).group(1))
-    assert relative <= 1e-5
-    losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", out)]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    saved = torch.load(tmp_path / "outputs.pt")
+    assert saved["converted_logits"].shape == saved["original_logits"].shape == (2, 32, 256)
+    assert_close(saved["converted_logits"], saved["original_logits"], "function_at_init")
+    losses = saved["losses"]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
-def test_quickstart_runs():
-    result = subprocess.run([sys.executable, "examples/quickstart.py"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+def test_quickstart_runs(tmp_path):
+    result = subprocess.run([sys.executable, "examples/quickstart.py", str(tmp_path / "outputs.pt")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "4 sites rewritten" in result.stdout
-    err = float(re.search(r"max \|converted - original\| = ([0-9.e+-]+)", result.stdout).group(1))
-    assert err < 1e-5
+    saved = torch.load(tmp_path / "outputs.pt")
+    assert saved["sites"] == 4 and "4 sites rewritten" in result.stdout
+    assert_close(saved["converted"], saved["original"], "function_at_init")
 
 
 def test_stability_quick_run(tmp_path):
@@ -49,20 +52,24 @@ def test_stability_quick_run(tmp_path):
         assert all(math.isfinite(results[variant][k]) for k in keys)
     curves = results["curves"]
     # every variant starts from the same function: the conversions are exact at init
-    assert curves["hc"]["train_loss"][0] == pytest.approx(curves["baseline"]["train_loss"][0], rel=1e-5)
-    assert curves["mhc"]["train_loss"][0] == pytest.approx(curves["baseline"]["train_loss"][0], rel=1e-5)
+    first = torch.tensor([curves[v]["train_loss"][0] for v in ("hc", "mhc")])
+    assert_close(first, torch.full((2,), curves["baseline"]["train_loss"][0]), "function_at_init")
     # a product of non-negative row-stochastic maps has every row sum exactly 1
-    assert results["mhc"]["max_amax_forward"] == pytest.approx(1.0, abs=1e-4)
-    assert mpimg.imread(tmp_path / "stability.png").shape[:2] == (700, 1100)
+    assert_close(torch.tensor(results["mhc"]["max_amax_forward"]), torch.tensor(1.0), "coefficients")
+    image = mpimg.imread(tmp_path / "stability.png")
+    assert image.shape[:2] == (700, 1100)
+    assert image[..., :3].std() > 0.05 and (image[..., :3].min(-1) < 0.9).mean() > 0.01  # not blank: ink drawn
 
 
-def test_api_tour_runs():
-    result = subprocess.run([sys.executable, "examples/api_tour.py", "--compile"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+def test_api_tour_runs(tmp_path):
+    result = subprocess.run([sys.executable, "examples/api_tour.py", "--compile", "--save", str(tmp_path / "out.pt")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", result.stdout)]
+    saved = torch.load(tmp_path / "out.pt")
+    losses = saved["losses"]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert "forward 1.0000" in result.stdout and "compiled output matches: True" in result.stdout
+    assert_close(torch.tensor(saved["gain"][0]), torch.tensor(1.0), "coefficients")  # rows of H_res sum to 1
+    assert_close(saved["compiled"], saved["eager"], "same_math")
 
 
 def test_finetune_hf_example_saves_a_model_that_loads_back_and_generates_the_same(tmp_path):

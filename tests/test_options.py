@@ -48,7 +48,8 @@ def test_from_dict_validates_like_user_input(data, message):
     (dict(sinkhorn_iters=10**7), ValueError,
      "sinkhorn_iters=10000000 is out of range: sinkhorn_iters must be from 1 to 200 (the paper uses 20"),
     (dict(n=4, sinkhron_iters=5), TypeError, "unknown option 'sinkhron_iters': did you mean 'sinkhorn_iters'? "
-                                             "valid options are n, dynamic, sinkhorn_iters, mode, init, constraint, collapse, filter_fn"),
+                                             "valid options are n, dynamic, sinkhorn_iters, mode, init, "
+                                             "constraint, collapse, filter_fn"),
     (dict(filter=lambda s: True), TypeError, "unknown option 'filter': did you mean 'filter_fn'?"),
     (dict(mode="mch"), ValueError, "mode must be one of ('mhc', 'hc'), got 'mch'"),
 ])

@@ -5,18 +5,12 @@ import torch
 
 import mhc_rewrite  # noqa: F401
 
+from paper import post_res_mix as _loop_post_res_mix
+from paper import pre_mix as _loop_pre_mix
+from tolerances import assert_close
+
 mhc = torch.ops.mhc
 SHAPES = [((5,), 4, 8), ((2, 3), 4, 16), ((2, 3), 2, 8), ((4,), 3, 6)]  # (leading dims, n, C)
-
-
-def _loop_pre_mix(X, h):
-    return sum(h[..., i, None] * X[..., i, :] for i in range(X.shape[-2]))
-
-
-def _loop_post_res_mix(X, f, h_post, h_res):
-    n = X.shape[-2]
-    rows = [sum(h_res[..., i, j, None] * X[..., j, :] for j in range(n)) + h_post[..., i, None] * f for i in range(n)]
-    return torch.stack(rows, dim=-2)
 
 
 def _inputs(lead, n, C, dtype=torch.float64, static=False):
@@ -30,11 +24,11 @@ def _inputs(lead, n, C, dtype=torch.float64, static=False):
 @pytest.mark.parametrize("static", [False, True])
 def test_mixing_matches_loops(lead, n, C, static):
     X, f, h_post, h_res = _inputs(lead, n, C, static=static)
-    torch.testing.assert_close(mhc.pre_mix(X, h_post), _loop_pre_mix(X, h_post))
-    torch.testing.assert_close(mhc.post_res_mix(X, f, h_post, h_res), _loop_post_res_mix(X, f, h_post, h_res))
+    assert_close(mhc.pre_mix(X, h_post), _loop_pre_mix(X, h_post), "float64")
+    assert_close(mhc.post_res_mix(X, f, h_post, h_res), _loop_post_res_mix(X, f, h_post, h_res), "float64")
     x = X[..., 0, :]
-    torch.testing.assert_close(mhc.expand_streams(x, n), torch.stack([x] * n, dim=-2))
-    torch.testing.assert_close(mhc.reduce_streams(X), sum(X[..., i, :] for i in range(n)) / n)
+    assert torch.equal(mhc.expand_streams(x, n), torch.stack([x] * n, dim=-2))  # a copy: exact
+    assert_close(mhc.reduce_streams(X), sum(X[..., i, :] for i in range(n)) / n, "float64")
 
 
 @pytest.mark.parametrize("static", [False, True])
@@ -46,14 +40,33 @@ def test_gradcheck_float64(static):
     assert torch.autograd.gradcheck(mhc.reduce_streams, (X,))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_low_precision_streams_keep_their_dtype(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_low_precision_pre_mix_backward(dtype, static):
+    """The pre-mix's backward with bf16/fp16 streams (a static site's pre-mix is this op), against float64."""
+    X, _, h_pre, _ = _inputs((4,), 4, 32, dtype=torch.float32, static=static)
+    X = X.to(dtype).requires_grad_()
+    h_pre.requires_grad_()
+    y = mhc.pre_mix(X, h_pre)
+    d_y = torch.randn(y.shape).to(dtype)
+    got = torch.autograd.grad(y, (X, h_pre), d_y)
+    ref_in = [X.detach().double().requires_grad_(), h_pre.detach().double().requires_grad_()]
+    want = torch.autograd.grad(_loop_pre_mix(*ref_in), ref_in, d_y.double())
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert_close(got[0], want[0], "streams", dtype, msg="d_streams")
+    assert_close(got[1], want[1], "coefficient_grads", msg="d_h_pre")  # float32, accumulated in float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_streams_keep_their_dtype(dtype):
     X, f, h_post, h_res = _inputs((4,), 4, 32, dtype=torch.float32)
     out = mhc.post_res_mix(X.to(dtype), f.to(dtype), h_post, h_res)
     assert out.dtype == dtype
     expected = _loop_post_res_mix(X.to(dtype).double(), f.to(dtype).double(), h_post.double(), h_res.double())
-    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
-    assert mhc.pre_mix(X.to(dtype), h_post).dtype == dtype
+    assert_close(out, expected, "streams", dtype)
+    y = mhc.pre_mix(X.to(dtype), h_post)
+    assert y.dtype == dtype
+    assert_close(y, _loop_pre_mix(X.to(dtype).double(), h_post.double()), "streams", dtype)
 
 
 def test_opcheck():
