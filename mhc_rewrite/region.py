@@ -78,14 +78,19 @@ def _new_region(base: type) -> nn.Module:
 
 
 def region_base(cls: type) -> type:
-    return next(c for c in cls.__mro__[1:] if c is not ConvertedRegion and not issubclass(c, ConvertedRegion))
+    """The user's class under a converted region's class (also when another wrapper, e.g. FSDP2's ``FSDP<Cls>``,
+    has subclassed it in turn)."""
+    for klass in cls.__mro__:
+        if klass.__bases__[:1] == (ConvertedRegion,):
+            return klass.__bases__[1]
+    raise TypeError(f"{cls.__name__} is not a converted region's class")
 
 
 @contextmanager
 def original_module(region: "ConvertedRegion"):
     """``region`` as the user's class, without its ``mhc`` child, while a tracer runs its original ``forward``."""
     cls, params = region.__class__, region._modules.pop("mhc")
-    region.__class__ = region_base(cls)
+    region.__class__ = region_base(cls)  # (an FSDP2 wrapper class too: its hooks already ran for this call)
     try:
         yield region
     finally:
