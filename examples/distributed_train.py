@@ -11,6 +11,7 @@ the gradients of the first step (``first_grads.pt``) so that they can be compare
 """
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -113,6 +114,12 @@ def main():
                                                       "uninterrupted": uninterrupted, "resumed": resumed}))
         print(f"{args.wrap}: losses {[round(v, 4) for v in uninterrupted]}; "
               f"after resuming at step {args.ckpt_at}: {[round(v, 4) for v in resumed]}")
+    # Release the wrapped models while every rank is still here: a DDP reducer freed after destroy_process_group
+    # (at function exit) joins gloo threads that may wait on a rank that has already left (seen: rank 0 hung at exit).
+    dist.barrier()
+    model = fresh = opt = fresh_opt = None
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
