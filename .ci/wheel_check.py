@@ -111,6 +111,7 @@ def check_compile() -> None:
     converted = mhc_rewrite.convert(model, n=4, example_inputs=(x,))
     compiled = torch.compile(converted, backend="mhc", fullgraph=True)
     with torch.no_grad():
+        mhc_rewrite.converted_graph(converted, x)  # this mode's graph is traced before Dynamo sees the model
         got, want = compiled(x), converted(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     check(True, "torch.compile(backend='mhc') output equals eager")
