@@ -37,6 +37,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from .config import MHCConfig
 from .errors import MHCRewriteError
 from .specialisation import call_key, sizes_match, static_sizes
+from .trace import flatten_inputs
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,6 @@ class ConvertedRegion(nn.Module):
             return gm(*graph_inputs(self, gm, args, kwargs))
         return gm(*args, **kwargs)
 
-    def mhc_graph(self, *args, **kwargs) -> fx.GraphModule:
-        """The rewritten graph this region runs for ``args``/``kwargs`` in its current mode (traced if needed)."""
-        return self._mhc_graph_for(*_drop_cache(self, args, kwargs))
-
     def _mhc_graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
         state: RegionState = self.__dict__["_mhc_state"]
         for fixed, gm in state.graphs.get(call_key(self, args, kwargs), ()):
@@ -182,7 +179,7 @@ def graph_inputs(region: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dic
         bound = inspect.signature(region_base(type(region)).forward).bind(region, *args, **kwargs)
         bound.apply_defaults()
         return list(bound.arguments.values())[1:]
-    return pytree.tree_leaves((args, kwargs))  # torch.export's module flattens its inputs this way
+    return flatten_inputs(gm, args, kwargs)
 
 
 class _Captured(Exception):

@@ -54,6 +54,16 @@ def test_fused_pre_mix_equals_coefficients_then_pre_mix(mode):
         assert_close(got, want, "same_math")
 
 
+def _assert_same_forward_and_gradients(lowered, gm, idx):
+    """The lowered model's output and every parameter's gradient against the unlowered model's."""
+    want, got = gm(idx), lowered(idx)
+    assert_close(got, want, "same_math")
+    g_want = torch.autograd.grad(want.pow(2).mean(), list(gm.parameters()))
+    g_got = torch.autograd.grad(got.pow(2).mean(), list(lowered.parameters()))
+    for (name, _), a, b in zip(gm.named_parameters(), g_got, g_want):
+        assert_close(a, b, "same_math", msg=name)
+
+
 def test_lowered_model_matches_the_reference_graph():
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(n_layer=2, block_size=16))
@@ -65,12 +75,7 @@ def test_lowered_model_matches_the_reference_graph():
     targets = {node.target for node in graph.graph.nodes if node.op == "call_function"}
     assert mhc.fused_pre_mix.default in targets and mhc.fused_post_res_mix.default in targets
     assert mhc.coefficients.default not in targets and mhc.pre_mix.default not in targets
-    want, got = gm(idx), lowered(idx)
-    assert_close(got, want, "same_math")
-    g_want = torch.autograd.grad(want.pow(2).mean(), list(gm.parameters()))
-    g_got = torch.autograd.grad(got.pow(2).mean(), list(lowered.parameters()))
-    for (name, _), a, b in zip(gm.named_parameters(), g_got, g_want):
-        assert_close(a, b, "same_math", msg=name)
+    _assert_same_forward_and_gradients(lowered, gm, idx)
 
 
 def test_static_sites_keep_reference_coefficients():
@@ -84,9 +89,4 @@ def test_static_sites_keep_reference_coefficients():
     targets = [node.target for node in mhc_rewrite.converted_graph(lowered, idx).graph.nodes
                if node.op == "call_function"]
     assert mhc.coefficients.default in targets and mhc.fused_post_res_mix.default in targets
-    want, got = gm(idx), lowered(idx)
-    assert_close(got, want, "same_math")
-    g_want = torch.autograd.grad(want.pow(2).mean(), list(gm.parameters()))
-    g_got = torch.autograd.grad(got.pow(2).mean(), list(lowered.parameters()))
-    for (name, _), a, b in zip(gm.named_parameters(), g_got, g_want):
-        assert_close(a, b, "same_math", msg=name)
+    _assert_same_forward_and_gradients(lowered, gm, idx)
