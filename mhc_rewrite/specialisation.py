@@ -11,7 +11,7 @@ model may decide on in Python:
 - grad mode and autocast;
 - the call signature: which arguments are given, by position or keyword, the value of every non-tensor argument
   (``None``, bools, ints, strings), and for tensors their dtype, device, rank and which sizes are 1 (export
-  specialises size-1 dimensions);
+  specialises size-1 dimensions) and whether they are contiguous;
 - which tensor inputs are the same object (``labels=input_ids`` is traced as one input).
 
 ``torch.export`` may also fix a size it could not keep free; such sizes are read off the exported graph and
@@ -36,7 +36,10 @@ def _value_key(value: Any, tensors: list[torch.Tensor], where: str) -> Hashable:
     if isinstance(value, torch.Tensor):
         alias = next((i for i, seen in enumerate(tensors) if seen is value), None)
         tensors.append(value)
-        return ("tensor", value.dtype, value.device.type, value.dim(), tuple(s == 1 for s in value.shape), alias)
+        # contiguity too: torch.export traced from a strided view guards on its layout (a later contiguous call of
+        # another length failed inside the exported module's guard function)
+        return ("tensor", value.dtype, value.device.type, value.dim(), tuple(s == 1 for s in value.shape),
+                value.is_contiguous(), alias)
     if value is None or isinstance(value, _CONSTANTS):
         return ("const", type(value).__name__, value)
     if isinstance(value, (tuple, list)):
