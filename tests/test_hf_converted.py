@@ -179,3 +179,15 @@ def test_gradient_checkpointing_survives_conversion():
     want = after(input_ids=ids, labels=ids).loss
     torch.manual_seed(2)
     assert rel_err(converted_after(input_ids=ids, labels=ids).loss, want) <= TOL
+
+
+def test_a_strided_input_then_another_length():
+    """A region first traced from a slice view (strided) must not be reused for a contiguous call (found by hand:
+    torch.export's guard function failed on the next length)."""
+    torch.manual_seed(0)
+    original = llama().eval()
+    converted = mhc_rewrite.convert(original, example_inputs=(torch.randint(0, VOCAB, (2, 8)),)).eval()
+    ids = torch.randint(0, VOCAB, (4, 13))
+    with torch.no_grad():
+        for x in (ids[:, :12], ids):  # a strided view, then a contiguous tensor one token longer
+            assert rel_err(converted(input_ids=x).logits, original(input_ids=x).logits) <= TOL
