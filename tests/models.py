@@ -1,13 +1,20 @@
-"""Small models the tests convert: written like nanoGPT, one readable class per architecture."""
+"""Small models the tests convert: written like nanoGPT, one readable class per architecture (the GPT is the
+examples' nanoGPT), and ``perturb_mhc``."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from nanogpt import GPT as ExampleGPT  # noqa: E402
+from nanogpt import GPTConfig as ExampleGPTConfig  # noqa: E402
 
 
 def perturb_mhc(model: nn.Module, scale: float = 0.1) -> nn.Module:
@@ -45,11 +52,11 @@ class ResidualMLP(nn.Module):
         return self.head(self.blocks(self.embed(x)))
 
 
-# --- nanoGPT-style GPT (its `B, T = idx.size()` defeats symbolic_trace: it goes through torch.export) ---
+# --- nanoGPT: the examples' model (examples/nanogpt.py), at test sizes -----------------------------------------
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(ExampleGPTConfig):
     block_size: int = 32
     vocab_size: int = 64
     n_layer: int = 3
@@ -57,64 +64,13 @@ class GPTConfig:
     n_embd: int = 32
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.n_head = config.n_head
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
-
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+class GPT(ExampleGPT):
+    """The examples' nanoGPT with nanoGPT's own first line, ``B, T = idx.size()``: unpacking a size into Python
+    ints defeats symbolic_trace, so these tests convert it through torch.export, as users' models often are."""
 
     def forward(self, idx):
-        B, T = idx.size()
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C): token + position is not a residual
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        B, T = idx.size()  # (B, T) token ids
+        return super().forward(idx)
 
 
 # --- variants the finder must handle ---------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_streams_learn_to_differ_and_h_res_gets_gradient(dynamic):
         return [((s - s.mean(dim=-2, keepdim=True)).abs().max() / s.abs().max()).item() for s in streams]
 
     assert max(spread(_StreamRecorder.record(gm, probe))) <= tolerance("few_roundings")  # equal at init
-    _count_task(12, gm)
+    _count_task(36, gm)
     assert min(spread(_StreamRecorder.record(gm, probe))) > 100 * tolerance("few_roundings")  # learnt, not rounding
     n = 4
     interior = list(gm.mhc.values())[1:-1]
