@@ -1,0 +1,122 @@
+"""The rewrite pass's graph, node by node, against the structure worked out by hand for small models.
+
+Each new node is named ``mhc_<module path>_<role>`` and carries its provenance (``meta["mhc"]``) and the module
+stack of its site; with example inputs it carries a fake value of the shape and dtype a real run gives. Parameters
+registered before the trace are reused when they fit and refused when they do not. Small and fast: part of the
+mutation run's selection (docs/testing.md).
+"""
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from mhc_rewrite import MHCConfig, MHCRewriteError
+from mhc_rewrite.pipeline import run_pipeline
+from mhc_rewrite.site_params import MHCSiteParams
+from mhc_rewrite.trace import trace
+
+from models import ResidualMLP
+
+ROLES = ("coefficients", "h_pre", "h_post", "h_res", "pre_mix", "post_res_mix")
+
+
+def _new_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {node.name: node for node in gm.graph.nodes if "mhc" in node.meta}
+
+
+def _expected_nodes(prefix: str, site: int, first: bool, last: bool) -> dict[str, tuple[int, str]]:
+    """Node name -> (site, role): the six ops of a site and its three parameters; the chain's expand and reduce."""
+    want = {f"{prefix}_{role}": (site, role) for role in ROLES}
+    want.update({f"{prefix}_{name}": (site, "parameter") for name in ("phi", "alpha", "bias")})
+    if first:
+        want[f"{prefix}_expand"] = (site, "expand")
+    if last:
+        want[f"{prefix}_reduce"] = (site, "reduce")
+    return want
+
+
+def test_every_new_node_is_named_and_annotated_after_its_site():
+    gm, _ = run_pipeline(trace(ResidualMLP(depth=2)), MHCConfig(n=4))
+    want = {**_expected_nodes("mhc_blocks_0", 0, first=True, last=False),
+            **_expected_nodes("mhc_blocks_1", 1, first=False, last=True)}
+    nodes = _new_nodes(gm)
+    assert sorted(nodes) == sorted(want)
+    for name, (site, role) in want.items():
+        assert nodes[name].meta["mhc"] == {"site": site, "module_path": f"blocks.{site}", "role": role}, name
+        assert list(nodes[name].meta["nn_module_stack"]) == ["blocks", f"blocks.{site}"], name  # the block's
+
+
+class RootResidual(nn.Module):
+    """A residual in the model's own forward whose branch runs through two children: its module path is ''."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_site_at_the_model_root_is_named_root():
+    gm, analysis = run_pipeline(trace(RootResidual()), MHCConfig(n=2))
+    assert [site.module_path for site in analysis.sites] == [""]
+    assert list(gm.mhc) == ["root"]
+    want = _expected_nodes("mhc_root", 0, first=True, last=True)
+    nodes = _new_nodes(gm)
+    assert sorted(nodes) == sorted(want)
+    assert all(nodes[name].meta["mhc"] == {"site": 0, "module_path": "", "role": role}
+               for name, (_, role) in want.items())
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph for real and keeps every node's output."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.outputs = {}
+
+    def run_node(self, node):
+        out = self.outputs[node] = super().run_node(node)
+        return out
+
+
+def test_fake_values_of_new_nodes_match_a_real_run():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    gm, _ = run_pipeline(trace(ResidualMLP(depth=2), (x,)), MHCConfig(n=4))
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(x)
+    nodes = _new_nodes(gm)
+    assert len(nodes) == 2 * 9 + 2
+    for name, node in nodes.items():
+        fake, real = pytree.tree_leaves(node.meta["val"]), pytree.tree_leaves(recorder.outputs[node])
+        assert [(v.shape, v.dtype) for v in fake] == [(v.shape, v.dtype) for v in real], name
+
+
+@pytest.mark.parametrize("other", [{"n": 2}, {"channels": 8}, {"dynamic": False}], ids=["n", "width", "static"])
+def test_registered_parameters_of_another_shape_are_refused(other):
+    """A region retraced for new inputs finds its sites' parameters already in ``gm.mhc``; they must fit."""
+    gm = trace(ResidualMLP(width=16, depth=2))
+    made_for = MHCConfig(n=other.get("n", 4), dynamic=other.get("dynamic", True))
+    gm.add_submodule("mhc", nn.ModuleDict({"blocks_0": MHCSiteParams(made_for, other.get("channels", 16), 0)}))
+    with pytest.raises(MHCRewriteError, match="blocks.0 has width 16 in this trace"):
+        run_pipeline(gm, MHCConfig(n=4))
+
+
+def test_registered_parameters_that_fit_are_reused_and_computed_with():
+    torch.manual_seed(0)
+    model, x = ResidualMLP(width=16, depth=2), torch.randn(5, 6)
+    fresh, _ = run_pipeline(trace(model), MHCConfig(n=4))
+    gm = trace(model)
+    registered = MHCSiteParams(MHCConfig(n=4), 16, 0, "blocks.0")
+    with torch.no_grad():
+        for p in registered.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    gm.add_submodule("mhc", nn.ModuleDict({"blocks_0": registered}))
+    run_pipeline(gm, MHCConfig(n=4))
+    assert gm.mhc["blocks_0"] is registered and list(gm.mhc) == ["blocks_0", "blocks_1"]
+    fresh.mhc.load_state_dict(gm.mhc.state_dict())
+    assert torch.equal(gm(x), fresh(x))  # the same graph computes with the same parameters
+    assert (gm(x) - model(x)).abs().max() > 1e-3  # the perturbed parameters are the ones computed with
