@@ -12,11 +12,13 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from mhc_rewrite import MHCConfig, MHCRewriteError
+from mhc_rewrite.ops.collapse import CollapseParams
 from mhc_rewrite.pipeline import run_pipeline
 from mhc_rewrite.site_params import MHCSiteParams
 from mhc_rewrite.trace import trace
 
 from models import ResidualMLP
+from tolerances import assert_close
 
 ROLES = ("coefficients", "h_pre", "h_post", "h_res", "pre_mix", "post_res_mix")
 
@@ -120,3 +122,62 @@ def test_registered_parameters_that_fit_are_reused_and_computed_with():
     fresh.mhc.load_state_dict(gm.mhc.state_dict())
     assert torch.equal(gm(x), fresh(x))  # the same graph computes with the same parameters
     assert (gm(x) - model(x)).abs().max() > 1e-3  # the perturbed parameters are the ones computed with
+
+
+def _coefficient_nodes(gm):
+    return [node for node in gm.graph.nodes if node.meta.get("mhc", {}).get("role") == "coefficients"]
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_the_coefficients_node_takes_the_sites_parameters_and_the_config(dynamic):
+    gm, _ = run_pipeline(trace(ResidualMLP(depth=2)), MHCConfig(n=3, sinkhorn_iters=7, mode="hc", dynamic=dynamic))
+    nodes = _new_nodes(gm)
+    for site, node in enumerate(_coefficient_nodes(gm)):
+        assert node.target is torch.ops.mhc.coefficients.default
+        streams = nodes["mhc_blocks_0_expand"] if site == 0 else nodes["mhc_blocks_0_post_res_mix"]
+        params = [f"mhc.blocks_{site}.{name}" for name in ("phi", "alpha", "bias")]
+        if dynamic:
+            assert node.args[0] is streams and [a.target for a in node.args[1:4]] == params
+        else:
+            assert node.args[:3] == (None, None, None) and node.args[3].target == params[2]
+        assert node.args[4:] == (3, 7, "hc")
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_mhc_lite_sites_compute_the_permutation_coefficients(dynamic):
+    torch.manual_seed(0)
+    model, x = ResidualMLP(width=16, depth=2), torch.randn(5, 6)
+    gm, _ = run_pipeline(trace(model, (x,)), MHCConfig(n=3, constraint="permutations", dynamic=dynamic))
+    nodes = _coefficient_nodes(gm)
+    assert [node.target for node in nodes] == [torch.ops.mhc.coefficients_permutations.default] * 2
+    assert all(node.args[4:] == (3,) and (node.args[0] is not None) == dynamic for node in nodes)
+    assert gm.mhc["blocks_0"].bias.shape == (2 * 3 + 6,)  # pre, post and one logit per permutation of 3
+    assert_close(gm(x), model(x), "function_at_init")
+
+
+def test_a_learned_collapse_takes_the_place_of_the_exit_reduce():
+    torch.manual_seed(0)
+    model, x = ResidualMLP(width=16, depth=2), torch.randn(5, 6)
+    gm = trace(model, (x,))
+    registered = CollapseParams(4, 16, "blocks.1")  # as a converted region's retrace finds it
+    gm.add_submodule("mhc", nn.ModuleDict({"blocks_1_collapse": registered}))
+    run_pipeline(gm, MHCConfig(n=4, collapse="learned"))
+    nodes = _new_nodes(gm)
+    assert "mhc_blocks_1_reduce" not in nodes and "mhc_blocks_0_reduce" not in nodes
+    collapse = nodes["mhc_blocks_1_collapse"]
+    assert collapse.meta["mhc"] == {"site": 1, "module_path": "blocks.1", "role": "collapse"}
+    assert collapse.args[0] is nodes["mhc_blocks_1_post_res_mix"] and collapse.meta["val"].shape == (5, 16)
+    assert [a.target for a in collapse.args[1:]] == [f"mhc.blocks_1_collapse.{p}" for p in ("phi", "alpha", "bias")]
+    assert all(a.meta["mhc"]["role"] == "parameter" for a in collapse.args[1:])
+    assert gm.mhc["blocks_1_collapse"] is registered and sorted(gm.mhc) == ["blocks_0", "blocks_1", "blocks_1_collapse"]
+    assert_close(gm(x), model(x), "function_at_init")  # the collapse starts as the mean
+    with torch.no_grad():
+        registered.alpha.fill_(1.0)
+    assert (gm(x) - model(x)).abs().max() > 1e-3  # and it is the one computed with
+
+
+def test_a_fresh_learned_collapse_is_made_for_the_exit_site():
+    gm, _ = run_pipeline(trace(ResidualMLP(width=16, depth=2)), MHCConfig(n=4, collapse="learned"))
+    collapse = gm.mhc["blocks_1_collapse"]
+    assert isinstance(collapse, CollapseParams) and (collapse.n, collapse.channels) == (4, 16)
+    assert collapse.module_path == "blocks.1"
