@@ -181,3 +181,50 @@ def test_a_fresh_learned_collapse_is_made_for_the_exit_site():
     collapse = gm.mhc["blocks_1_collapse"]
     assert isinstance(collapse, CollapseParams) and (collapse.n, collapse.channels) == (4, 16)
     assert collapse.module_path == "blocks.1"
+
+
+class ConvBlocks(nn.Module):
+    """Two 1x1-convolution residuals on ``[B, C, H, W]``: channel-first streams."""
+
+    def __init__(self, channels: int = 6):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(channels, channels, 1) for _ in range(2)])
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = x + conv(torch.relu(x))
+        return x
+
+
+def test_channel_first_streams_are_moved_around_the_ops_and_back():
+    x = torch.randn(2, 6, 3, 5)
+    gm, _ = run_pipeline(trace(ConvBlocks(), (x,)), MHCConfig(n=2))
+    nodes = _new_nodes(gm)
+    moves = {name: node for name, node in nodes.items() if node.target is torch.movedim}
+    # into the chain once; the branch input out and the branch output in at each site; out at the exit
+    assert sorted(moves) == sorted(["mhc_convs_0_to_channel_last", "mhc_convs_0_from_channel_last",
+                                    "mhc_convs_0_to_channel_last_1", "mhc_convs_1_from_channel_last",
+                                    "mhc_convs_1_to_channel_last", "mhc_convs_1_from_channel_last_1"])
+    for name, node in moves.items():
+        into = "to_channel_last" in name
+        assert node.args[1:] == ((1, -1) if into else (-1, 1)), name
+        assert node.meta["mhc"]["role"] == ("to_channel_last" if into else "from_channel_last")
+        assert node.meta["val"].shape == ((2, 3, 5, 6) if into else (2, 6, 3, 5)), name
+
+
+class TwoInputs(nn.Module):
+    """The stream is the first input itself: the expand must come after every placeholder."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x, scale):
+        return x + self.fc(x) * scale
+
+
+def test_new_nodes_follow_every_placeholder():
+    gm, _ = run_pipeline(trace(TwoInputs()), MHCConfig(n=2))
+    ops = [node.op for node in gm.graph.nodes]
+    assert ops[:2] == ["placeholder", "placeholder"] and "placeholder" not in ops[2:]
+    assert "mhc_fc_expand" in _new_nodes(gm)
