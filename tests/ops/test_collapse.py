@@ -56,3 +56,16 @@ def test_fresh_parameters_collapse_to_the_mean(n):
     X = torch.randn(5, n, C)
     assert_close(learned_collapse(X, params.phi, params.alpha, params.bias), X.mean(dim=-2), "few_roundings")
     assert params.extra_repr() == f"n={n}, channels={C}, module_path='blocks.1'"
+
+
+def test_float64_streams_are_collapsed_in_float64():
+    X, phi, alpha, bias = (t.double() for t in _inputs())
+    y = learned_collapse(X, phi, alpha, bias)
+    assert y.dtype == torch.float64
+    assert_close(y, collapse_float64(X, phi, alpha, bias), "float64")
+
+
+def test_parameters_are_made_on_the_given_device_and_default_to_no_module_path():
+    params = CollapseParams(3, 5, device="meta")
+    assert all(p.device.type == "meta" for p in params.parameters())
+    assert CollapseParams(3, 5).module_path == ""

@@ -1,0 +1,37 @@
+"""mHC-lite's identity init (``identity_logit``) at and near the edge of what a logit on the identity can reach.
+
+With the other permutations' logits at 0, the diagonal of the mixture is ``(E + (n-1)! - 1) / (E + n! - 1)`` for
+``E = e^c``: any value above ``((n-1)! - 1) / (n! - 1)`` (E > 0), including values below the uniform mixture's
+``1/n`` (a negative logit). The mixture is written out here, index by index.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from mhc_rewrite.ops.permutations import identity_logit
+
+
+def _mixture_diagonal(logit_on_identity: float, n: int) -> torch.Tensor:
+    logits = torch.zeros(math.factorial(n), dtype=torch.float64)
+    logits[0] = logit_on_identity  # itertools order: the identity first
+    weights = torch.softmax(logits, dim=0)
+    h = torch.zeros(n, n, dtype=torch.float64)
+    for k, perm in enumerate(itertools.permutations(range(n))):
+        for i, j in enumerate(perm):
+            h[i, j] += weights[k]
+    return torch.diagonal(h)
+
+
+@pytest.mark.parametrize("n,diagonal", [(3, 0.25), (3, 0.3), (3, 0.9), (4, 0.23), (2, 0.6)])
+def test_the_logit_gives_the_asked_diagonal(n, diagonal):
+    c = identity_logit(n, diagonal)
+    assert torch.allclose(_mixture_diagonal(c, n), torch.full((n,), diagonal, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("n,diagonal", [(2, 0.0), (3, 0.2), (3, 0.1)])  # E = 0 exactly, then below
+def test_a_diagonal_no_logit_reaches_is_refused(n, diagonal):
+    with pytest.raises(ValueError, match=f"a diagonal of {diagonal}"):
+        identity_logit(n, diagonal)
