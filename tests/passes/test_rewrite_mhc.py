@@ -228,3 +228,41 @@ def test_new_nodes_follow_every_placeholder():
     ops = [node.op for node in gm.graph.nodes]
     assert ops[:2] == ["placeholder", "placeholder"] and "placeholder" not in ops[2:]
     assert "mhc_fc_expand" in _new_nodes(gm)
+
+
+def test_a_root_site_with_registered_parameters_of_another_width_names_the_model_root():
+    gm = trace(RootResidual(width=8))
+    gm.add_submodule("mhc", nn.ModuleDict({"root": MHCSiteParams(MHCConfig(n=2), 6, 0)}))
+    with pytest.raises(MHCRewriteError, match="the residual site at the model root has width 8"):
+        run_pipeline(gm, MHCConfig(n=2))
+
+
+def test_the_ops_of_a_checkpointed_block_carry_its_checkpoint_tag():
+    gm = trace(ResidualMLP(depth=2))
+    block_0_add = next(node for node in gm.graph.nodes if node.op == "call_function" and "add" in str(node.target))
+    block_0_add.meta["checkpoint_call"] = 7  # as mhc_rewrite.checkpointing tags the nodes a checkpoint call made
+    run_pipeline(gm, MHCConfig(n=2))
+    for node in _new_nodes(gm).values():
+        assert node.meta.get("checkpoint_call") == (7 if node.meta["mhc"]["site"] == 0 else None), node.name
+
+
+class OffloadedFirst(nn.Module):
+    """A model whose first parameter lives on another device than its stream (``meta``: only its shape is read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offloaded = nn.Parameter(torch.empty(4, device="meta"))
+        self.blocks = ResidualMLP(width=16, depth=2)
+
+    def forward(self, x):
+        scale = self.offloaded.shape[0] // 4  # 1; makes the parameter the traced module's first
+        return self.blocks(x) * scale
+
+
+@pytest.mark.parametrize("collapse", ["mean", "learned"])
+def test_new_parameters_are_made_on_the_streams_device(collapse):
+    torch.manual_seed(0)
+    model, x = OffloadedFirst(), torch.randn(5, 6)
+    gm, _ = run_pipeline(trace(model, (x,)), MHCConfig(n=2, collapse=collapse))
+    assert {p.device.type for p in gm.mhc.parameters()} == {"cpu"}
+    assert_close(gm(x), model(x), "function_at_init")
