@@ -117,7 +117,8 @@ def test_analysis_of_another_graph_is_refused():
     _, gm, _ = _setup()
     _, other, _ = _setup()
     analysis = run_analysis(other)
-    with pytest.raises(PassOrderError, match="RewriteMHC requires FindResidualSites"):
+    with pytest.raises(PassOrderError, match="RewriteMHC requires FindResidualSites to have run first on this graph: "
+                                             "there are no residual sites of this graph to rewrite"):
         run_passes([RewriteMHC(MHCConfig(), analysis)], gm)
 
 
@@ -125,8 +126,10 @@ def test_rewriting_twice_is_refused():
     _, gm, _ = _setup()
     find = FindResidualSites()
     rewrite = RewriteMHC(MHCConfig(), find.analysis)
-    run_passes([find, GroupChains(find.analysis), rewrite], gm)
-    with pytest.raises(PassOrderError, match="these sites are already rewritten"):
+    assert run_passes([find, GroupChains(find.analysis), rewrite], gm) is True
+    with pytest.raises(PassOrderError, match="RewriteMHC requires FindResidualSites to have run first on this graph: "
+                                             "these sites are already rewritten; find them again on the rewritten "
+                                             "graph"):
         run_passes([rewrite], gm)
 
 

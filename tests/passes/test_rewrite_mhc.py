@@ -17,7 +17,7 @@ from mhc_rewrite.pipeline import run_pipeline
 from mhc_rewrite.site_params import MHCSiteParams
 from mhc_rewrite.trace import trace
 
-from models import ResidualMLP
+from models import ParallelNet, ResidualMLP
 from tolerances import assert_close
 
 ROLES = ("coefficients", "h_pre", "h_post", "h_res", "pre_mix", "post_res_mix")
@@ -266,3 +266,33 @@ def test_new_parameters_are_made_on_the_streams_device(collapse):
     gm, _ = run_pipeline(trace(model, (x,)), MHCConfig(n=2, collapse=collapse))
     assert {p.device.type for p in gm.mhc.parameters()} == {"cpu"}
     assert_close(gm(x), model(x), "function_at_init")
+
+
+class SharedBlock(nn.Module):
+    """One block applied three times (weight sharing): three sites with one module path."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.blk = nn.Linear(width, width)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x + self.blk(x)
+        return x
+
+
+def test_a_reused_block_gets_one_parameter_set_per_application():
+    gm, analysis = run_pipeline(trace(SharedBlock()), MHCConfig(n=2))
+    assert [site.module_path for site in analysis.sites] == ["blk"] * 3
+    assert list(gm.mhc) == ["blk", "blk_1", "blk_2"]
+    assert [site.param_name for site in analysis.sites] == ["mhc.blk", "mhc.blk_1", "mhc.blk_2"]
+    assert [(p.module_path, p.site_index) for p in gm.mhc.values()] == [("blk", 0), ("blk", 1), ("blk", 2)]
+
+
+def test_parallel_branches_are_summed_before_the_post_mix():
+    torch.manual_seed(0)
+    model, x, mask = ParallelNet(width=16, depth=2), torch.randn(5, 16), torch.rand(5, 16)
+    gm, _ = run_pipeline(trace(model, (x, mask)), MHCConfig(n=2))
+    sums = [node for node in gm.graph.nodes if node.meta.get("mhc", {}).get("role") == "branch_sum"]
+    assert len(sums) == 2  # one per site, each adding the second branch to the first
+    assert_close(gm(x, mask), model(x, mask), "function_at_init")
