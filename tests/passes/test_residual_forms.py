@@ -7,7 +7,7 @@ run's selection (docs/testing.md).
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from mhc_rewrite.passes import FindResidualSites
 from mhc_rewrite.trace import trace
@@ -36,6 +36,7 @@ NOT_RESIDUAL = {
     "x.add alpha=0.5": lambda x, f: x.add(f, alpha=0.5),
     "x - f(x)": lambda x, f: x - f,
     "x * f(x)": lambda x, f: x * f,
+    "torch.add out=": lambda x, f: torch.add(x, f, out=torch.empty_like(x)),  # writes a buffer the rewrite would lose
 }
 
 
@@ -131,3 +132,16 @@ def test_three_parallel_branches_form_one_site():
     site = sites[0]
     assert site.add_nodes == adds and [node.target for node in site.branch_outputs] == ["f", "g", "h"]
     assert [node.target for node in site.body] == ["f", "g", "h"]
+
+
+def test_a_parameter_that_dynamo_passes_as_an_input_counts_as_a_parameterised_branch():
+    """Dynamo hands parameters to a backend as graph inputs; mhc_rewrite's backend tags them ``mhc_parameter``."""
+    gm = fx.symbolic_trace(lambda x, weight: x + torch.tanh(x @ weight))
+    find = FindResidualSites()
+    find(gm)
+    assert [site.has_params for site in find.analysis.sites] == [False]  # an untagged input is data
+    weight = [node for node in gm.graph.nodes if node.op == "placeholder"][1]
+    weight.meta["mhc_parameter"] = True
+    find = FindResidualSites()
+    find(gm)
+    assert [site.has_params for site in find.analysis.sites] == [True]
