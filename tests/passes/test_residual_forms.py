@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from mhc_rewrite.passes import FindResidualSites
+from mhc_rewrite.passes import FindResidualSites, SiteAnalysis
 from mhc_rewrite.trace import trace
 
 
@@ -145,3 +145,25 @@ def test_a_parameter_that_dynamo_passes_as_an_input_counts_as_a_parameterised_br
     find = FindResidualSites()
     find(gm)
     assert [site.has_params for site in find.analysis.sites] == [True]
+
+
+class ParameterInTheSecondBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.relu(x) + self.fc(x)
+
+
+def test_a_parameter_in_a_later_branch_makes_the_site_parameterised():
+    _, sites = _sites(ParameterInTheSecondBranch())
+    assert len(sites) == 1 and len(sites[0].branch_outputs) == 2
+    assert sites[0].has_params and sites[0].rewrite
+
+
+def test_the_find_pass_fills_the_analysis_it_is_given():
+    analysis = SiteAnalysis()
+    find = FindResidualSites(analysis=analysis)
+    find(trace(Parallel()))
+    assert find.analysis is analysis and len(analysis.sites) == 1
