@@ -10,6 +10,7 @@ import torch
 
 import mhc_rewrite  # noqa: F401  (registers torch.ops.mhc)
 from mhc_rewrite.ops import sinkhorn_knopp_ref
+from mhc_rewrite.ops.sinkhorn import sinkhorn_knopp_backward_ref
 
 import paper
 from tolerances import assert_close
@@ -62,3 +63,14 @@ def test_float64_logits_stay_float64():
 def test_zero_rounds_are_refused():
     with pytest.raises(ValueError, match="at least one round"):
         mhc.sinkhorn_knopp(_logits(), 0)
+
+
+def test_the_reference_backward_computes_in_float32_whatever_the_dtypes():
+    """The documented contract: the math runs in float32 (float64 stays float64); the gradient has the logits' dtype."""
+    logits, grad = _logits(), torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(2))
+    in_float32 = sinkhorn_knopp_backward_ref(grad, logits, 3)
+    got = sinkhorn_knopp_backward_ref(grad.bfloat16(), logits.bfloat16(), 3)
+    assert got.dtype == torch.bfloat16
+    want = sinkhorn_knopp_backward_ref(grad.bfloat16().float(), logits.bfloat16().float(), 3)
+    assert torch.equal(got, want.bfloat16())
+    assert torch.equal(sinkhorn_knopp_backward_ref(grad.double(), logits, 3), in_float32)  # a float64 grad too
