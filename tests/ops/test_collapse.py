@@ -69,3 +69,11 @@ def test_parameters_are_made_on_the_given_device_and_default_to_no_module_path()
     params = CollapseParams(3, 5, device="meta")
     assert all(p.device.type == "meta" for p in params.parameters())
     assert CollapseParams(3, 5).module_path == ""
+
+
+def test_a_bf16_model_collapses_in_float32():
+    """A model cast to bf16 has bf16 collapse parameters too: the gate is still computed in float32."""
+    X, phi, alpha, bias = (t.bfloat16() for t in _inputs())
+    y = learned_collapse(X, phi, alpha, bias)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, collapse_float64(X, phi, alpha, bias), "streams", torch.bfloat16)
