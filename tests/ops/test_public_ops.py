@@ -142,3 +142,32 @@ def test_fake_kernels_give_the_shapes_and_dtypes_of_a_real_run(dtype):
     """What torch.export, torch.compile and the rewrite's fake values see must be what the op returns."""
     for op, args in _backward_cases(dtype):
         torch.library.opcheck(op, args, test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize("constraint", ["sinkhorn", "permutations"])
+def test_float64_streams_with_float32_parameters_compute_in_float64(constraint):
+    """The streams' dtype sets the precision (float64 stays float64); each gradient has its input's dtype."""
+    X, phi, alpha, bias = _coefficient_inputs(m=M if constraint == "sinkhorn" else 2 * N + 24)
+    X = X.double().requires_grad_()
+    params = [t.requires_grad_() for t in (phi, alpha, bias)]
+    if constraint == "sinkhorn":
+        got = mhc.coefficients(X, *params, N, ITERS, "mhc")
+        want = paper.coefficients(X, *(p.double() for p in params), N, ITERS)
+    else:
+        got = mhc.coefficients_permutations(X, *params, N)
+        want = _paper_permutations(X, *(p.double() for p in params))
+    for out, ref in zip(got, want):
+        assert out.dtype == torch.float64
+        assert_close(out, ref, "float64")
+    grads = torch.autograd.grad(sum(out.sum() for out in got), [X, *params])
+    grads64 = torch.autograd.grad(sum(ref.sum() for ref in want), [X, *params])
+    dtypes = [torch.float64, torch.float32, torch.float32, torch.float32]
+    assert [g.dtype for g in grads] == dtypes
+    for grad, grad64 in zip(grads, grads64):
+        assert_close(grad, grad64, "coefficient_grads")
+    ones = [torch.ones_like(out) for out in got]  # the backward op itself, before autograd casts anything
+    if constraint == "sinkhorn":
+        direct = mhc.coefficients_backward(*ones, X, *params, N, ITERS, "mhc")
+    else:
+        direct = mhc.coefficients_permutations_backward(*ones, X, *params, N)
+    assert [g.dtype for g in direct] == dtypes
