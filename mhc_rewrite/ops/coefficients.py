@@ -43,9 +43,10 @@ def num_logits(n: int) -> int:
 def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     """``sqrt(mean(v²) + eps)`` over the last axis, ``[..., D]`` -> ``[..., 1]``, without overflow.
 
-    Squaring float32 values above ~1.8e19 overflows to inf. Each row is divided by its largest magnitude ``s``
-    first (when that exceeds 1, so that ordinary rows compute exactly the plain formula), as robust norm
-    implementations do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``.
+    Squaring float32 values above ~1.8e19 overflows to inf. Where that happens (and always off the CPU, where
+    checking would wait for the device), each row is divided by its largest magnitude ``s`` first (when that
+    exceeds 1), as robust norm implementations do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``. On the CPU the
+    plain sum of squares is one read of ``v``; the scaled form costs three.
 
     Args:
         v: ``[..., D]`` float tensor.
@@ -53,9 +54,47 @@ def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     Returns:
         ``[..., 1]``, in ``v``'s dtype.
     """
-    scale = v.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    if v.device.type == "cpu":
+        mean_sq = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1]
+        if bool(torch.isfinite(mean_sq).all()):
+            return torch.sqrt(mean_sq + eps)
+    scale = torch.linalg.vector_norm(v, ord=float("inf"), dim=-1, keepdim=True).clamp_min(1.0)
     mean_sq = torch.linalg.vector_norm(v / scale, dim=-1, keepdim=True).square() / v.shape[-1]
     return scale * torch.sqrt(mean_sq + eps / scale.square())
+
+
+def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, r, z)`` with ``v = vec(X)`` in the compute dtype, ``r = rms(v)``, ``z = (v @ phi) / r``.
+
+    Args:
+        streams: ``[..., n, C]``.  phi: ``[n·C, m]``.
+    Returns:
+        ``v [..., n·C]``, ``r [..., 1]``, ``z [..., m]``.
+    """
+    v = streams.reshape(*streams.shape[:-2], -1).to(compute_dtype(streams.dtype))
+    r = rms(v)
+    return v, r, (v @ phi.to(v.dtype)) / r
+
+
+def projection_backward(
+    v: torch.Tensor, r: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, phi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dv, d_phi)`` of ``z = (v @ phi) / r``, ``r = sqrt(mean(v²) + eps)`` over ``D`` entries.
+
+    ``du = dz / r``, ``dr = -sum_k dz_k z_k / r``; ``d_phi = vᵀ du``, ``dv = du phiᵀ + dr·v / (D·r)``. ``dv`` is
+    built in one buffer: ``dr·v``, divided by ``D·r`` in place (in this order: the factor ``dr / (D·r)`` alone
+    underflows float32 for streams of size 1e20), then the matmul added in place.
+
+    Returns:
+        ``dv`` shaped like ``v`` in its dtype, ``d_phi [D, m]`` in the compute dtype.
+    """
+    width = v.shape[-1]
+    v2, dz2, r2 = v.reshape(-1, width), dz.reshape(-1, dz.shape[-1]), r.reshape(-1, 1)
+    du = dz2 / r2
+    dr = (dz2 * z.reshape(dz2.shape)).sum(dim=-1, keepdim=True).div_(-r2)
+    d_phi = v2.T @ du
+    dv = torch.mul(v2, dr).div_(r2 * width).addmm_(du, phi.to(v.dtype).T)
+    return dv.reshape(v.shape), d_phi
 
 
 def _inputs(streams, phi, alpha, bias, n):
@@ -63,9 +102,7 @@ def _inputs(streams, phi, alpha, bias, n):
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     if streams is None:
         return None, None, None, None, bias.to(acc)
-    v = streams.reshape(*streams.shape[:-2], -1).to(acc)  # [..., n·C]
-    r = rms(v)
-    return v, r, (v @ phi.to(acc)) / r, _gain(alpha.to(acc), n), bias.to(acc)
+    return (*projection(streams, phi), _gain(alpha.to(acc), n), bias.to(acc))
 
 
 def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callable):
@@ -179,11 +216,8 @@ def coefficients_backward_ref(
     if streams is None:
         return None, None, None, d_bias
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=-1)]).to(alpha.dtype)
-    du = dz / r
-    dr = -(dz * z).sum(dim=-1, keepdim=True) / r
-    d_phi = (v.reshape(-1, v.shape[-1]).T @ du.reshape(-1, du.shape[-1])).to(phi.dtype)
-    dv = du @ phi.to(v.dtype).T + dr * v / (v.shape[-1] * r)
-    return dv.reshape(streams.shape).to(streams.dtype), d_phi, d_alpha, d_bias
+    dv, d_phi = projection_backward(v, r, z, dz, phi)
+    return dv.reshape(streams.shape).to(streams.dtype), d_phi.to(phi.dtype), d_alpha, d_bias
 
 
 @torch.library.custom_op("mhc::coefficients_backward", mutates_args=())

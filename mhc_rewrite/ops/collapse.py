@@ -22,9 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .sinkhorn import compute_dtype
-
-RMS_EPS = 1e-6
+from .coefficients import projection
 
 
 def learned_collapse(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -35,10 +33,8 @@ def learned_collapse(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tens
     Returns:
         ``[..., C]`` in the dtype of ``streams`` (the gate is computed in float32, float64 for float64).
     """
-    acc = compute_dtype(streams.dtype)
-    v = streams.flatten(-2).to(acc)
-    rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-    z = (v @ phi.to(acc)) / rms
+    _, _, z = projection(streams, phi)
+    acc = z.dtype
     weights = torch.sigmoid(alpha.to(acc) * z + bias.to(acc))
     return (weights.unsqueeze(-1) * streams.to(acc)).sum(dim=-2).to(streams.dtype)
 

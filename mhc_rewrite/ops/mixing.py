@@ -154,9 +154,11 @@ def post_res_mix_backward_ref(
     acc = compute_dtype(streams.dtype)
     g, x, f = grad.to(acc), streams.to(acc), branch.to(acc)
     d_streams = torch.matmul(h_res.to(acc).transpose(-1, -2), g).to(streams.dtype)
-    d_branch = torch.einsum("...i,...ic->...c", h_post.to(acc), g).to(branch.dtype)
+    # the two sums below as a broadcast product and a sum: on the CPU 13 % faster than einsum's batched [n x C]
+    # matmuls (too small for a BLAS), measured side by side inside a converted GPT; in the pre-mix einsum was faster
+    d_branch = (g * h_post.to(acc).unsqueeze(-1)).sum(dim=-2).to(branch.dtype)
     d_h_res = torch.matmul(g, x.transpose(-1, -2))
-    d_h_post = torch.einsum("...ic,...c->...i", g, f)
+    d_h_post = (g * f.unsqueeze(-2)).sum(dim=-1)
     return d_streams, d_branch, _reduce_to(d_h_post, h_post), _reduce_to(d_h_res, h_res)
 
 
