@@ -84,12 +84,12 @@ def main() -> None:
             step()
             wall[variant] += time.perf_counter() - start
     per_step = {k: 1e3 * v / args.steps for k, v in wall.items()}
-    print(f"{args.shape}, seq {args.seq}, {'static' if args.static else 'dynamic'}: plain step "
-          f"{per_step['plain']:.1f} ms, converted {per_step['converted']:.1f} ms "
-          f"({per_step['converted'] / per_step['plain']:.2f}x), extra {per_step['converted'] - per_step['plain']:.1f} ms")
+    plain, converted = per_step["plain"], per_step["converted"]
+    print(f"{args.shape}, seq {args.seq}, {'static' if args.static else 'dynamic'}: plain step {plain:.1f} ms, "
+          f"converted {converted:.1f} ms ({converted / plain:.2f}x), extra {converted - plain:.1f} ms")
     print("| function (ops/) | ms per step | % of the extra |")
     print("|---|---|---|")
-    extra = per_step["converted"] - per_step["plain"]
+    extra = converted - plain
     for name, seconds in totals.most_common():
         ms = 1e3 * seconds / args.steps
         print(f"| `{name}` | {ms:.1f} | {100 * ms / extra:.0f} % |")

@@ -14,8 +14,9 @@ their true coefficients, not the bias alone.
 Static (``streams``, ``phi`` and ``alpha`` are None): the same gates applied to ``bias`` alone, giving
 ``[n]``, ``[n]``, ``[n, n]`` shared by every token.
 
-All of it runs in float32 (float64 for float64 inputs). The backward (derived in
-:func:`coefficients_backward_ref`) recomputes the forward, Sinkhorn iterations included.
+All of it runs in float32 (float64 for float64 inputs). The op also returns the projection ``z`` and ``rms(v)``
+(not differentiable; graphs use only the three mappings) so that the backward (derived in
+:func:`coefficients_backward_ref`) does not recompute ``v @ phi``; it recomputes the Sinkhorn iterations.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def _inputs(streams, phi, alpha, bias, n):
 
 
 def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callable):
-    """The coefficients, with ``project`` the Sinkhorn implementation (reference or fast)."""
-    _, _, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    """``(h_pre, h_post, h_res, z, r)``, with ``project`` the Sinkhorn implementation (reference or fast); ``z`` and
+    ``r = rms(v)`` are None in static mode."""
+    _, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         h_pre = torch.sigmoid(logits[..., :n])
@@ -118,7 +120,7 @@ def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callab
         h_pre, h_post, h_res = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return h_pre, h_post, h_res
+    return h_pre, h_post, h_res, z, r
 
 
 def coefficients_ref(
@@ -139,12 +141,14 @@ def coefficients_ref(
     Returns:
         ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in float32 (float64 for float64 input).
     """
-    return _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_knopp_ref)
+    return _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_knopp_ref)[:3]
 
 
 def _out_shapes(streams, bias, n):
-    lead = () if streams is None else tuple(streams.shape[:-2])
-    return (*lead, n), (*lead, n), (*lead, n, n)
+    if streams is None:
+        return (n,), (n,), (n, n), (0,), (0,)
+    lead = tuple(streams.shape[:-2])
+    return (*lead, n), (*lead, n), (*lead, n, n), (*lead, bias.shape[0]), (*lead, 1)
 
 
 @torch.library.custom_op("mhc::coefficients", mutates_args=())
@@ -156,10 +160,18 @@ def coefficients(
     n: int,
     sinkhorn_iters: int,
     mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(H_pre, H_post, H_res)`` of one site; see :func:`coefficients_ref`."""
-    outs = _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_forward)
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in outs)  # never alias the bias
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(H_pre, H_post, H_res, z, r)`` of one site; see :func:`coefficients_ref`.
+
+    ``z [..., m]`` and ``r = rms(v) [..., 1]`` are the projection, returned for the backward (which would otherwise
+    recompute ``v @ phi``, a quarter of the coefficient path's matmul work); graphs use only the first three
+    outputs. Static mode returns them empty.
+    """
+    h_pre, h_post, h_res, z, r = _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_forward)
+    outs = [t.clone(memory_format=torch.contiguous_format) for t in (h_pre, h_post, h_res)]  # never alias the bias
+    if z is None:
+        z, r = bias.new_empty(0, dtype=h_pre.dtype), bias.new_empty(0, dtype=h_pre.dtype)
+    return (*outs, z, r)
 
 
 @coefficients.register_fake
@@ -179,8 +191,11 @@ def coefficients_backward_ref(
     n: int,
     sinkhorn_iters: int,
     mode: str,
+    z: Optional[torch.Tensor] = None,
+    r: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-    """Exact gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`coefficients_ref`, recomputing it.
+    """Exact gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`coefficients_ref`, recomputing it (the
+    projection ``z``, ``r`` only where not given).
 
     With ``g`` the gradient of the logits (mhc) or of ``h`` (hc), ``u = v @ phi``, ``z = u / r``,
     ``r = sqrt(mean(v²) + eps)`` over ``D = n·C`` entries:
@@ -195,7 +210,10 @@ def coefficients_backward_ref(
     """
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     g_h = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
-    v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    if z is None or streams is None:
+        v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    else:
+        v, gain, b = streams.reshape(*streams.shape[:-2], -1).to(acc), _gain(alpha.to(acc), n), bias.to(acc)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         sig = torch.sigmoid(logits[..., : 2 * n])
@@ -232,32 +250,40 @@ def coefficients_backward(
     n: int,
     sinkhorn_iters: int,
     mode: str,
+    z: Optional[torch.Tensor] = None,
+    r: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`coefficients`; see :func:`coefficients_backward_ref`.
+    """Gradients of :func:`coefficients`; see :func:`coefficients_backward_ref`. ``z``, ``r``: the forward's
+    projection outputs (recomputed when None).
 
     Absent inputs (static mode) get empty gradients, which the autograd wrapper turns into None.
     """
-    grads = coefficients_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    grads = coefficients_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode,
+                                      z, r)
     return tuple(bias.new_empty(0) if g is None else g for g in grads)
 
 
 @coefficients_backward.register_fake
-def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode):
+def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode, z=None, r=None):
     return tuple(bias.new_empty(0) if t is None else torch.empty_like(t) for t in (streams, phi, alpha, bias))
 
 
 def _setup_context(ctx, inputs, output):
     streams, phi, alpha, bias, n, iters, mode = inputs
-    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)))
+    z, r = output[3:]
+    ctx.mark_non_differentiable(z, r)
+    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)), z, r)
     ctx.present = tuple(t is not None for t in (streams, phi, alpha))
     ctx.args = (n, iters, mode)
 
 
-def _backward(ctx, grad_pre, grad_post, grad_res):
+def _backward(ctx, grad_pre, grad_post, grad_res, _grad_z, _grad_r):
     saved = ctx.saved_tensors
     streams, phi, alpha = (t if keep else None for t, keep in zip(saved[:3], ctx.present))
-    bias = saved[3]
-    grads = torch.ops.mhc.coefficients_backward(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, *ctx.args)
+    bias, z, r = saved[3:]
+    projected = (z, r) if streams is not None else (None, None)
+    grads = torch.ops.mhc.coefficients_backward(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, *ctx.args,
+                                                *projected)
     d_streams, d_phi, d_alpha = (g if keep else None for g, keep in zip(grads[:3], ctx.present))
     return d_streams, d_phi, d_alpha, grads[3], None, None, None
 
