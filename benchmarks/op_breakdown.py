@@ -18,9 +18,9 @@ import sys
 import time
 
 import torch
-from torch.nn import functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from cpu_step import make_step  # noqa: E402  (benchmarks/, the script's folder)
 from nanogpt import GPT, GPTConfig  # noqa: E402
 
 import mhc_rewrite  # noqa: E402
@@ -45,18 +45,6 @@ def install_timers(totals: collections.Counter) -> None:
             setattr(module, name, timed)
 
 
-def step_fn(model, idx):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="6x128x8", help="LAYERSxWIDTHxBATCH")
@@ -74,7 +62,7 @@ def main() -> None:
         torch.manual_seed(0)
         gpt = GPT(GPTConfig(block_size=args.seq, n_layer=layers, n_embd=width, n_head=4))
         model = gpt if variant == "plain" else mhc_rewrite.convert(gpt, n=4, dynamic=not args.static)
-        steps[variant] = step_fn(model, idx)
+        steps[variant] = make_step(model, idx)
         steps[variant]()
     wall = collections.Counter()
     totals.clear()
