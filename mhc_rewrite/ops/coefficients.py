@@ -42,12 +42,12 @@ def num_logits(n: int) -> int:
 
 
 def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """``sqrt(mean(v²) + eps)`` over the last axis, ``[..., D]`` -> ``[..., 1]``, without overflow.
+    """``sqrt(mean(v²) + eps)`` over the last axis, ``[..., D]`` -> ``[..., 1]``, without overflow; traceable.
 
-    Squaring float32 values above ~1.8e19 overflows to inf. Where that happens (and always off the CPU, where
-    checking would wait for the device), each row is divided by its largest magnitude ``s`` first (when that
-    exceeds 1), as robust norm implementations do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``. On the CPU the
-    plain sum of squares is one read of ``v``; the scaled form costs three.
+    Squaring float32 values above ~1.8e19 overflows to inf. Each row is divided by its largest magnitude ``s``
+    first (when that exceeds 1, so that ordinary rows compute the plain formula), as robust norm implementations
+    do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``. No data-dependent branch: graphs (export, Dynamo, fake tensors)
+    can trace it. The ops' eager implementations use :func:`_rms_eager`, the same value in fewer passes.
 
     Args:
         v: ``[..., D]`` float tensor.
@@ -55,17 +55,25 @@ def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     Returns:
         ``[..., 1]``, in ``v``'s dtype.
     """
-    if v.device.type == "cpu":
-        mean_sq = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1]
-        if bool(torch.isfinite(mean_sq).all()):
-            return torch.sqrt(mean_sq + eps)
     scale = torch.linalg.vector_norm(v, ord=float("inf"), dim=-1, keepdim=True).clamp_min(1.0)
     mean_sq = torch.linalg.vector_norm(v / scale, dim=-1, keepdim=True).square() / v.shape[-1]
     return scale * torch.sqrt(mean_sq + eps / scale.square())
 
 
+def _rms_eager(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """:func:`rms` for real tensors inside an op: on the CPU the plain sum of squares (one read of ``v`` instead of
+    three), falling back to the scaled form where it overflows; elsewhere the scaled form (checking would wait for
+    the device). Not traceable (it branches on the values)."""
+    if v.device.type == "cpu":
+        mean_sq = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1]
+        if bool(torch.isfinite(mean_sq).all()):
+            return torch.sqrt(mean_sq + eps)
+    return rms(v, eps)
+
+
 def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(v, r, z)`` with ``v = vec(X)`` in the compute dtype, ``r = rms(v)``, ``z = (v @ phi) / r``.
+    """``(v, r, z)`` with ``v = vec(X)`` in the compute dtype, ``r = rms(v)``, ``z = (v @ phi) / r``; for the ops'
+    implementations (real tensors: the RMS branches on the values, see :func:`_rms_eager`).
 
     Args:
         streams: ``[..., n, C]``.  phi: ``[n·C, m]``.
@@ -73,7 +81,7 @@ def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, 
         ``v [..., n·C]``, ``r [..., 1]``, ``z [..., m]``.
     """
     v = streams.reshape(*streams.shape[:-2], -1).to(compute_dtype(streams.dtype))
-    r = rms(v)
+    r = _rms_eager(v)
     return v, r, (v @ phi.to(v.dtype)) / r
 
 

@@ -22,7 +22,8 @@ import math
 import torch
 from torch import nn
 
-from .coefficients import projection
+from .coefficients import rms
+from .sinkhorn import compute_dtype
 
 
 def learned_collapse(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,9 @@ def learned_collapse(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tens
     Returns:
         ``[..., C]`` in the dtype of ``streams`` (the gate is computed in float32, float64 for float64).
     """
-    _, _, z = projection(streams, phi)
-    acc = z.dtype
+    acc = compute_dtype(streams.dtype)
+    v = streams.flatten(-2).to(acc)
+    z = (v @ phi.to(acc)) / rms(v)  # the traceable RMS: this function runs inside graphs, not behind an op
     weights = torch.sigmoid(alpha.to(acc) * z + bias.to(acc))
     return (weights.unsqueeze(-1) * streams.to(acc)).sum(dim=-2).to(streams.dtype)
 

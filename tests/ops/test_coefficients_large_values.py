@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mhc_rewrite  # noqa: F401
-from mhc_rewrite.ops.coefficients import rms
+from mhc_rewrite.ops.coefficients import _rms_eager, rms
 
 
 def plain_coefficients_float64(X, phi, alpha, bias, n):
@@ -35,6 +35,7 @@ def test_rms_matches_float64(magnitude):
     want = torch.sqrt(v.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.isfinite(v.pow(2).sum()) == (magnitude < 1e19)  # the plain fp32 formula overflows at 1e20
     torch.testing.assert_close(rms(v).double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_rms_eager(v).double(), want, rtol=1e-6, atol=0)  # the ops' one-read form
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
