@@ -14,8 +14,9 @@ their true coefficients, not the bias alone.
 Static (``streams``, ``phi`` and ``alpha`` are None): the same gates applied to ``bias`` alone, giving
 ``[n]``, ``[n]``, ``[n, n]`` shared by every token.
 
-All of it runs in float32 (float64 for float64 inputs). The backward (derived in
-:func:`coefficients_backward_ref`) recomputes the forward, Sinkhorn iterations included.
+All of it runs in float32 (float64 for float64 inputs). The op also returns the projection ``z`` and ``rms(v)``
+(not differentiable; graphs use only the three mappings) so that the backward (derived in
+:func:`coefficients_backward_ref`) does not recompute ``v @ phi``; it recomputes the Sinkhorn iterations.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ def num_logits(n: int) -> int:
 
 
 def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """``sqrt(mean(v²) + eps)`` over the last axis, ``[..., D]`` -> ``[..., 1]``, without overflow.
+    """``sqrt(mean(v²) + eps)`` over the last axis, ``[..., D]`` -> ``[..., 1]``, without overflow; traceable.
 
     Squaring float32 values above ~1.8e19 overflows to inf. Each row is divided by its largest magnitude ``s``
-    first (when that exceeds 1, so that ordinary rows compute exactly the plain formula), as robust norm
-    implementations do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``.
+    first (when that exceeds 1, so that ordinary rows compute the plain formula), as robust norm implementations
+    do: ``rms = s · sqrt(mean((v/s)²) + eps/s²)``. No data-dependent branch: graphs (export, Dynamo, fake tensors)
+    can trace it. The ops' eager implementations use :func:`_rms_eager`, the same value in fewer passes.
 
     Args:
         v: ``[..., D]`` float tensor.
@@ -53,9 +55,55 @@ def rms(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     Returns:
         ``[..., 1]``, in ``v``'s dtype.
     """
-    scale = v.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+    scale = torch.linalg.vector_norm(v, ord=float("inf"), dim=-1, keepdim=True).clamp_min(1.0)
     mean_sq = torch.linalg.vector_norm(v / scale, dim=-1, keepdim=True).square() / v.shape[-1]
     return scale * torch.sqrt(mean_sq + eps / scale.square())
+
+
+def _rms_eager(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """:func:`rms` for real tensors inside an op: on the CPU the plain sum of squares (one read of ``v`` instead of
+    three), falling back to the scaled form where it overflows; elsewhere the scaled form (checking would wait for
+    the device). Not traceable (it branches on the values)."""
+    if v.device.type == "cpu":
+        mean_sq = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / v.shape[-1]
+        if bool(torch.isfinite(mean_sq).all()):
+            return torch.sqrt(mean_sq + eps)
+    return rms(v, eps)
+
+
+def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(v, r, z)`` with ``v = vec(X)`` in the compute dtype, ``r = rms(v)``, ``z = (v @ phi) / r``; for the ops'
+    implementations (real tensors: the RMS branches on the values, see :func:`_rms_eager`).
+
+    Args:
+        streams: ``[..., n, C]``.  phi: ``[n·C, m]``.
+    Returns:
+        ``v [..., n·C]``, ``r [..., 1]``, ``z [..., m]``.
+    """
+    v = streams.reshape(*streams.shape[:-2], -1).to(compute_dtype(streams.dtype))
+    r = _rms_eager(v)
+    return v, r, (v @ phi.to(v.dtype)) / r
+
+
+def projection_backward(
+    v: torch.Tensor, r: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, phi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dv, d_phi)`` of ``z = (v @ phi) / r``, ``r = sqrt(mean(v²) + eps)`` over ``D`` entries.
+
+    ``du = dz / r``, ``dr = -sum_k dz_k z_k / r``; ``d_phi = vᵀ du``, ``dv = du phiᵀ + dr·v / (D·r)``. ``dv`` is
+    built in one buffer: ``dr·v``, divided by ``D·r`` in place (in this order: the factor ``dr / (D·r)`` alone
+    underflows float32 for streams of size 1e20), then the matmul added in place.
+
+    Returns:
+        ``dv`` shaped like ``v`` in its dtype, ``d_phi [D, m]`` in the compute dtype.
+    """
+    width = v.shape[-1]
+    v2, dz2, r2 = v.reshape(-1, width), dz.reshape(-1, dz.shape[-1]), r.reshape(-1, 1)
+    du = dz2 / r2
+    dr = (dz2 * z.reshape(dz2.shape)).sum(dim=-1, keepdim=True).div_(-r2)
+    d_phi = v2.T @ du
+    dv = torch.mul(v2, dr).div_(r2 * width).addmm_(du, phi.to(v.dtype).T)
+    return dv.reshape(v.shape), d_phi
 
 
 def _inputs(streams, phi, alpha, bias, n):
@@ -63,14 +111,13 @@ def _inputs(streams, phi, alpha, bias, n):
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     if streams is None:
         return None, None, None, None, bias.to(acc)
-    v = streams.reshape(*streams.shape[:-2], -1).to(acc)  # [..., n·C]
-    r = rms(v)
-    return v, r, (v @ phi.to(acc)) / r, _gain(alpha.to(acc), n), bias.to(acc)
+    return (*projection(streams, phi), _gain(alpha.to(acc), n), bias.to(acc))
 
 
 def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callable):
-    """The coefficients, with ``project`` the Sinkhorn implementation (reference or fast)."""
-    _, _, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    """``(h_pre, h_post, h_res, z, r)``, with ``project`` the Sinkhorn implementation (reference or fast); ``z`` and
+    ``r = rms(v)`` are None in static mode."""
+    _, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         h_pre = torch.sigmoid(logits[..., :n])
@@ -81,7 +128,7 @@ def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callab
         h_pre, h_post, h_res = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :].unflatten(-1, (n, n))
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return h_pre, h_post, h_res
+    return h_pre, h_post, h_res, z, r
 
 
 def coefficients_ref(
@@ -102,12 +149,14 @@ def coefficients_ref(
     Returns:
         ``(h_pre [..., n], h_post [..., n], h_res [..., n, n])`` in float32 (float64 for float64 input).
     """
-    return _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_knopp_ref)
+    return _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_knopp_ref)[:3]
 
 
 def _out_shapes(streams, bias, n):
-    lead = () if streams is None else tuple(streams.shape[:-2])
-    return (*lead, n), (*lead, n), (*lead, n, n)
+    if streams is None:
+        return (n,), (n,), (n, n), (0,), (0,)
+    lead = tuple(streams.shape[:-2])
+    return (*lead, n), (*lead, n), (*lead, n, n), (*lead, bias.shape[0]), (*lead, 1)
 
 
 @torch.library.custom_op("mhc::coefficients", mutates_args=())
@@ -119,10 +168,18 @@ def coefficients(
     n: int,
     sinkhorn_iters: int,
     mode: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(H_pre, H_post, H_res)`` of one site; see :func:`coefficients_ref`."""
-    outs = _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_forward)
-    return tuple(t.clone(memory_format=torch.contiguous_format) for t in outs)  # never alias the bias
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(H_pre, H_post, H_res, z, r)`` of one site; see :func:`coefficients_ref`.
+
+    ``z [..., m]`` and ``r = rms(v) [..., 1]`` are the projection, returned for the backward (which would otherwise
+    recompute ``v @ phi``, a quarter of the coefficient path's matmul work); graphs use only the first three
+    outputs. Static mode returns them empty.
+    """
+    h_pre, h_post, h_res, z, r = _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, sinkhorn_forward)
+    outs = [t.clone(memory_format=torch.contiguous_format) for t in (h_pre, h_post, h_res)]  # never alias the bias
+    if z is None:
+        z, r = bias.new_empty(0, dtype=h_pre.dtype), bias.new_empty(0, dtype=h_pre.dtype)
+    return (*outs, z, r)
 
 
 @coefficients.register_fake
@@ -142,8 +199,11 @@ def coefficients_backward_ref(
     n: int,
     sinkhorn_iters: int,
     mode: str,
+    z: Optional[torch.Tensor] = None,
+    r: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-    """Exact gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`coefficients_ref`, recomputing it.
+    """Exact gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`coefficients_ref`, recomputing it (the
+    projection ``z``, ``r`` only where not given).
 
     With ``g`` the gradient of the logits (mhc) or of ``h`` (hc), ``u = v @ phi``, ``z = u / r``,
     ``r = sqrt(mean(v²) + eps)`` over ``D = n·C`` entries:
@@ -158,7 +218,10 @@ def coefficients_backward_ref(
     """
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     g_h = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
-    v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    if z is None or streams is None:
+        v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
+    else:
+        v, gain, b = streams.reshape(*streams.shape[:-2], -1).to(acc), _gain(alpha.to(acc), n), bias.to(acc)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         sig = torch.sigmoid(logits[..., : 2 * n])
@@ -179,11 +242,8 @@ def coefficients_backward_ref(
     if streams is None:
         return None, None, None, d_bias
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=-1)]).to(alpha.dtype)
-    du = dz / r
-    dr = -(dz * z).sum(dim=-1, keepdim=True) / r
-    d_phi = (v.reshape(-1, v.shape[-1]).T @ du.reshape(-1, du.shape[-1])).to(phi.dtype)
-    dv = du @ phi.to(v.dtype).T + dr * v / (v.shape[-1] * r)
-    return dv.reshape(streams.shape).to(streams.dtype), d_phi, d_alpha, d_bias
+    dv, d_phi = projection_backward(v, r, z, dz, phi)
+    return dv.reshape(streams.shape).to(streams.dtype), d_phi.to(phi.dtype), d_alpha, d_bias
 
 
 @torch.library.custom_op("mhc::coefficients_backward", mutates_args=())
@@ -198,32 +258,40 @@ def coefficients_backward(
     n: int,
     sinkhorn_iters: int,
     mode: str,
+    z: Optional[torch.Tensor] = None,
+    r: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`coefficients`; see :func:`coefficients_backward_ref`.
+    """Gradients of :func:`coefficients`; see :func:`coefficients_backward_ref`. ``z``, ``r``: the forward's
+    projection outputs (recomputed when None).
 
     Absent inputs (static mode) get empty gradients, which the autograd wrapper turns into None.
     """
-    grads = coefficients_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    grads = coefficients_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode,
+                                      z, r)
     return tuple(bias.new_empty(0) if g is None else g for g in grads)
 
 
 @coefficients_backward.register_fake
-def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode):
+def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode, z=None, r=None):
     return tuple(bias.new_empty(0) if t is None else torch.empty_like(t) for t in (streams, phi, alpha, bias))
 
 
 def _setup_context(ctx, inputs, output):
     streams, phi, alpha, bias, n, iters, mode = inputs
-    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)))
+    z, r = output[3:]
+    ctx.mark_non_differentiable(z, r)
+    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)), z, r)
     ctx.present = tuple(t is not None for t in (streams, phi, alpha))
     ctx.args = (n, iters, mode)
 
 
-def _backward(ctx, grad_pre, grad_post, grad_res):
+def _backward(ctx, grad_pre, grad_post, grad_res, _grad_z, _grad_r):
     saved = ctx.saved_tensors
     streams, phi, alpha = (t if keep else None for t, keep in zip(saved[:3], ctx.present))
-    bias = saved[3]
-    grads = torch.ops.mhc.coefficients_backward(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, *ctx.args)
+    bias, z, r = saved[3:]
+    projected = (z, r) if streams is not None else (None, None)
+    grads = torch.ops.mhc.coefficients_backward(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, *ctx.args,
+                                                *projected)
     d_streams, d_phi, d_alpha = (g if keep else None for g, keep in zip(grads[:3], ctx.present))
     return d_streams, d_phi, d_alpha, grads[3], None, None, None
 

@@ -22,9 +22,8 @@ import math
 import torch
 from torch import nn
 
+from .coefficients import rms
 from .sinkhorn import compute_dtype
-
-RMS_EPS = 1e-6
 
 
 def learned_collapse(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -37,8 +36,7 @@ def learned_collapse(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tens
     """
     acc = compute_dtype(streams.dtype)
     v = streams.flatten(-2).to(acc)
-    rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-    z = (v @ phi.to(acc)) / rms
+    z = (v @ phi.to(acc)) / rms(v)  # the traceable RMS: this function runs inside graphs, not behind an op
     weights = torch.sigmoid(alpha.to(acc) * z + bias.to(acc))
     return (weights.unsqueeze(-1) * streams.to(acc)).sum(dim=-2).to(streams.dtype)
 

@@ -49,7 +49,7 @@ def fused_pre_mix(
                                            mode)
     # elsewhere: the opaque reference ops, so that Inductor, which traces into a triton_op, calls them instead of
     # compiling twenty unrolled Sinkhorn rounds per site (forward and backward)
-    h_pre, h_post, h_res = torch.ops.mhc.coefficients(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
+    h_pre, h_post, h_res, *_ = torch.ops.mhc.coefficients(streams, phi, alpha, bias, n, sinkhorn_iters, mode)
     return pre_mix_ref(streams, h_pre), h_pre, h_post, h_res
 
 

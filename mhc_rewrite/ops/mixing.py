@@ -25,6 +25,16 @@ def _reduce_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.sum_to_size(like.shape).to(like.dtype)
 
 
+def _per_token(h_res: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """A static ``[n, n]`` mapping expanded (a view) to ``[..., n, n]``, one per token of ``streams [..., n, C]``.
+
+    ``matmul`` would otherwise fold the tokens into the rows of one ``[tokens·C, n] @ [n, n]`` product, with two
+    transposing copies of the streams around a matrix too thin for a BLAS: 4x slower on the CPU than the
+    per-token batched product (measured inside a converted GPT, 6 x 128).
+    """
+    return h_res.expand(*streams.shape[:-1], h_res.shape[-1]) if h_res.dim() == 2 else h_res
+
+
 # --- expand / reduce -------------------------------------------------------------------------------
 
 
@@ -120,7 +130,7 @@ def post_res_mix_ref(
 ) -> torch.Tensor:
     """Pure-PyTorch ``X'[..., i, c] = sum_j h_res[..., i, j] X[..., j, c] + h_post[..., i] f[..., c]``."""
     acc = compute_dtype(streams.dtype)
-    out = torch.matmul(h_res.to(acc), streams.to(acc))  # a static [n, n] broadcasts over the tokens
+    out = torch.matmul(_per_token(h_res.to(acc), streams), streams.to(acc))
     out.addcmul_(h_post.to(acc).unsqueeze(-1), branch.to(acc).unsqueeze(-2))  # in place: no second [.., n, C]
     return out.to(streams.dtype)
 
@@ -153,10 +163,12 @@ def post_res_mix_backward_ref(
     """
     acc = compute_dtype(streams.dtype)
     g, x, f = grad.to(acc), streams.to(acc), branch.to(acc)
-    d_streams = torch.matmul(h_res.to(acc).transpose(-1, -2), g).to(streams.dtype)
-    d_branch = torch.einsum("...i,...ic->...c", h_post.to(acc), g).to(branch.dtype)
+    d_streams = torch.matmul(_per_token(h_res.to(acc), streams).transpose(-1, -2), g).to(streams.dtype)
+    # the two sums below as a broadcast product and a sum: on the CPU 13 % faster than einsum's batched [n x C]
+    # matmuls (too small for a BLAS), measured side by side inside a converted GPT; in the pre-mix einsum was faster
+    d_branch = (g * h_post.to(acc).unsqueeze(-1)).sum(dim=-2).to(branch.dtype)
     d_h_res = torch.matmul(g, x.transpose(-1, -2))
-    d_h_post = torch.einsum("...ic,...c->...i", g, f)
+    d_h_post = (g * f.unsqueeze(-2)).sum(dim=-1)
     return d_streams, d_branch, _reduce_to(d_h_post, h_post), _reduce_to(d_h_res, h_res)
 
 

@@ -22,9 +22,8 @@ from typing import Optional
 
 import torch
 
+from .coefficients import projection, projection_backward
 from .sinkhorn import compute_dtype
-
-RMS_EPS = 1e-6
 
 
 def permutation_matrices(n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
@@ -65,9 +64,7 @@ def _logits(streams, phi, alpha, bias, n):
     b = bias.to(acc)
     if streams is None:
         return b, None, None, None, None
-    v = streams.reshape(*streams.shape[:-2], -1).to(acc)
-    rms = torch.sqrt(v.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-    z = (v @ phi.to(acc)) / rms
+    v, rms, z = projection(streams, phi)
     gain = _gain(alpha.to(acc), n)
     return z * gain + b, z, gain, v, rms
 
@@ -118,10 +115,7 @@ def coefficients_permutations_backward_ref(grad_pre, grad_post, grad_res, stream
         return None, None, None, d_bias
     dz, d_gain = g * gain, g * z
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, math.factorial(n)], dim=-1)])
-    du = dz / rms
-    dr = -(dz * z).sum(dim=-1, keepdim=True) / rms
-    d_phi = v.reshape(-1, v.shape[-1]).T @ du.reshape(-1, du.shape[-1])
-    dv = du @ phi.to(acc).T + dr * v / (v.shape[-1] * rms)
+    dv, d_phi = projection_backward(v, rms, z, dz, phi)
     return dv.reshape(streams.shape).to(streams.dtype), d_phi.to(phi.dtype), d_alpha.to(alpha.dtype), d_bias
 
 

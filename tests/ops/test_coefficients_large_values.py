@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mhc_rewrite  # noqa: F401
-from mhc_rewrite.ops.coefficients import rms
+from mhc_rewrite.ops.coefficients import _rms_eager, rms
 
 
 def plain_coefficients_float64(X, phi, alpha, bias, n):
@@ -35,6 +35,7 @@ def test_rms_matches_float64(magnitude):
     want = torch.sqrt(v.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.isfinite(v.pow(2).sum()) == (magnitude < 1e19)  # the plain fp32 formula overflows at 1e20
     torch.testing.assert_close(rms(v).double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(_rms_eager(v).double(), want, rtol=1e-6, atol=0)  # the ops' one-read form
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -43,7 +44,7 @@ def test_coefficients_at_1e20_match_float64(dtype):
     X, phi, alpha, bias = _inputs(1e20, dtype)
     want_pre, want_post, want_logits = plain_coefficients_float64(X, phi, alpha, bias, n)
     X = X.requires_grad_()
-    h_pre, h_post, h_res = torch.ops.mhc.coefficients(X, phi, alpha, bias, n, 20, "mhc")
+    h_pre, h_post, h_res = torch.ops.mhc.coefficients(X, phi, alpha, bias, n, 20, "mhc")[:3]
     torch.testing.assert_close(h_pre.double(), want_pre, atol=2e-5, rtol=0)
     torch.testing.assert_close(h_post.double(), want_post, atol=2e-5, rtol=0)
     # the gates would be sigmoid(bias) exactly if the RMS had overflowed to inf
@@ -62,3 +63,27 @@ def test_coefficients_at_1e20_match_float64(dtype):
     assert torch.isfinite(d_X).all()
     err = (d_X.double() - want_d_X).abs().max() / want_d_X.abs().max()
     assert err <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_learned_collapse_and_mhc_lite_at_1e20_match_float64():
+    """The collapse gate and the mHC-lite coefficients share the overflow-safe RMS (they used the plain formula)."""
+    from mhc_rewrite.ops.collapse import learned_collapse
+    from mhc_rewrite.ops.permutations import coefficients_permutations_ref
+
+    n, C = 3, 16
+    g = torch.Generator().manual_seed(5)
+    X = 1e20 * torch.randn(8, n, C, generator=g)
+    v = X.double().flatten(-2)
+    r = torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    phi, alpha, bias = torch.randn(n * C, n, generator=g) / (n * C) ** 0.5, torch.tensor([1.0]), torch.zeros(n)
+    weights = torch.sigmoid(alpha.double() * (v @ phi.double()) / r + bias.double())
+    want = (weights.unsqueeze(-1) * X.double()).sum(-2)
+    torch.testing.assert_close(learned_collapse(X, phi, alpha, bias).double(), want, rtol=1e-5, atol=0)
+
+    m = 2 * n + 6  # n! = 6 permutation logits
+    phi, alpha, bias = torch.randn(n * C, m, generator=g) / (n * C) ** 0.5, torch.ones(3), torch.zeros(m)
+    z = (v @ phi.double()) / r
+    h_pre, h_post, _ = coefficients_permutations_ref(X, phi, alpha, bias, n)
+    torch.testing.assert_close(h_pre.double(), torch.sigmoid(z[:, :n]), atol=2e-5, rtol=0)
+    torch.testing.assert_close(h_post.double(), 2 * torch.sigmoid(z[:, n:2 * n]), atol=2e-5, rtol=0)
+    assert (h_pre - 0.5).abs().max() > 1e-2  # the gates would be sigmoid(0) = 0.5 had the RMS overflowed
