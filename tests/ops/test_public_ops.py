@@ -90,8 +90,13 @@ CASES = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_forward_and_autograd_gradients_match_the_paper_in_float64(name):
-    op, reference, make_inputs, (out_kind, grad_kind) = CASES[name]
-    inputs = [t.requires_grad_() for t in make_inputs()]
+    op, reference, make_inputs, kinds = CASES[name]
+    _check_against_the_paper(op, reference, make_inputs(), kinds)
+
+
+def _check_against_the_paper(op, reference, inputs, kinds):
+    out_kind, grad_kind = kinds
+    inputs = [t.requires_grad_() for t in inputs]
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
     got, want = op(*inputs), reference(*inputs64)
     got, want = (got, want) if isinstance(got, (tuple, list)) else ((got,), (want,))
@@ -106,6 +111,21 @@ def test_forward_and_autograd_gradients_match_the_paper_in_float64(name):
     for i, (grad, grad64) in enumerate(zip(grads, grads64)):
         assert grad.dtype == inputs[i].dtype
         assert_close(grad, grad64, grad_kind, torch.float32, msg=f"input {i}")
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 2, 3)], ids=["tokens", "batch-height-width"])
+@pytest.mark.parametrize("name", ["pre_mix", "post_res_mix", "fused_post_res_mix", "expand_streams", "reduce_streams"])
+def test_mixing_ops_on_streams_of_other_ranks(name, lead):
+    """Streams ``[T, n, C]`` (an MLP's ``[B, C]`` residual) and ``[B, H, W, n, C]`` (channel-last images): an axis
+    counted from the front instead of the back shows only at ranks other than 4."""
+    g = torch.Generator().manual_seed(0)
+    X, f = torch.randn(*lead, N, C, generator=g), torch.randn(*lead, C, generator=g)
+    h_post, h_res = torch.rand(*lead, N, generator=g), torch.rand(*lead, N, N, generator=g)
+    mixed = [X, f, h_post, h_res]
+    inputs = {"pre_mix": [X, h_post], "post_res_mix": mixed, "fused_post_res_mix": mixed, "expand_streams": [f],
+              "reduce_streams": [X]}[name]
+    op, reference, _, kinds = CASES[name]
+    _check_against_the_paper(op, reference, inputs, kinds)
 
 
 def _backward_cases(dtype):
