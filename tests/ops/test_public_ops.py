@@ -81,6 +81,8 @@ CASES = {
                 ("streams", "streams")),
     "post_res_mix": (mhc.post_res_mix, paper.post_res_mix, _mixing_inputs, ("streams", "streams")),
     "fused_post_res_mix": (mhc.fused_post_res_mix, paper.post_res_mix, _mixing_inputs, ("streams", "streams")),
+    "post_res_mix_static": (mhc.post_res_mix, paper.post_res_mix,  # static [n], [n, n] mappings (dynamic=False)
+                            lambda: [*_mixing_inputs()[:2], torch.rand(N), torch.rand(N, N)], ("streams", "streams")),
     "expand_streams": (lambda x: mhc.expand_streams(x, N), lambda x: torch.stack([x] * N, dim=-2),
                        lambda: [_mixing_inputs()[1]], ("streams", "streams")),
     "reduce_streams": (mhc.reduce_streams, lambda X: sum(X[..., i, :] for i in range(N)) / N,
