@@ -15,6 +15,8 @@ one operation per line, in the order the paper gives, not in the library's fused
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 RMS_EPS = 1e-6  # the paper's RMSNorm epsilon
@@ -83,3 +85,14 @@ def post_res_mix(X, f, h_post, h_res):
     n = X.shape[-2]
     rows = [sum(h_res[..., i, j, None] * X[..., j, :] for j in range(n)) + h_post[..., i, None] * f for i in range(n)]
     return torch.stack(rows, dim=-2)
+
+
+def permutation_mixture(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """mHC-lite's ``H_res = sum_k softmax(logits)_k P_k`` over the n! permutation matrices (``itertools`` order, the
+    identity first), written out index by index in the logits' dtype; differentiable by autograd."""
+    weights = torch.softmax(logits, dim=-1)
+    out = torch.zeros(*logits.shape[:-1], n, n, dtype=logits.dtype)
+    for k, perm in enumerate(itertools.permutations(range(n))):
+        for i, j in enumerate(perm):
+            out[..., i, j] = out[..., i, j] + weights[..., k]
+    return out

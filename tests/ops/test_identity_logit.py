@@ -2,10 +2,9 @@
 
 With the other permutations' logits at 0, the diagonal of the mixture is ``(E + (n-1)! - 1) / (E + n! - 1)`` for
 ``E = e^c``: any value above ``((n-1)! - 1) / (n! - 1)`` (E > 0), including values below the uniform mixture's
-``1/n`` (a negative logit). The mixture is written out here, index by index.
+``1/n`` (a negative logit). The mixture is written out index by index (tests/paper.py).
 """
 
-import itertools
 import math
 import re
 
@@ -14,16 +13,13 @@ import torch
 
 from mhc_rewrite.ops.permutations import identity_logit
 
+import paper
+
 
 def _mixture_diagonal(logit_on_identity: float, n: int) -> torch.Tensor:
     logits = torch.zeros(math.factorial(n), dtype=torch.float64)
     logits[0] = logit_on_identity  # itertools order: the identity first
-    weights = torch.softmax(logits, dim=0)
-    h = torch.zeros(n, n, dtype=torch.float64)
-    for k, perm in enumerate(itertools.permutations(range(n))):
-        for i, j in enumerate(perm):
-            h[i, j] += weights[k]
-    return torch.diagonal(h)
+    return torch.diagonal(paper.permutation_mixture(logits, n))
 
 
 @pytest.mark.parametrize("n,diagonal", [(3, 0.25), (3, 0.3), (3, 0.9), (4, 0.23), (2, 0.6)])

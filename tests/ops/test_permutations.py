@@ -1,6 +1,5 @@
 """mHC-lite's coefficient op: exact double stochasticity, its hand-written backward, its identity init."""
 
-import itertools
 import math
 
 import pytest
@@ -14,18 +13,14 @@ from mhc_rewrite.ops.permutations import (
 )
 from mhc_rewrite.ops.sinkhorn import sinkhorn_knopp_ref
 
+import paper
+
 mhc = torch.ops.mhc
 
 
 def mixture_float64(logits_res: torch.Tensor, n: int) -> torch.Tensor:
-    """Σ_k softmax(logits)_k P_k written out with explicit index loops, in float64."""
-    perms = list(itertools.permutations(range(n)))
-    w = torch.softmax(logits_res.double(), dim=-1)
-    out = torch.zeros(*logits_res.shape[:-1], n, n, dtype=torch.float64)
-    for k, perm in enumerate(perms):
-        for i, j in enumerate(perm):
-            out[..., i, j] += w[..., k]
-    return out
+    """Σ_k softmax(logits)_k P_k written out with explicit index loops, in float64 (tests/paper.py)."""
+    return paper.permutation_mixture(logits_res.double(), n)
 
 
 def test_permutation_matrices_are_all_the_permutations_identity_first():

@@ -8,8 +8,6 @@ shapes and dtypes), with small inputs, so that it stays in the mutation run's fa
 helper: a refactor of the ops keeps it valid.
 """
 
-import itertools
-
 import pytest
 import torch
 
@@ -35,22 +33,12 @@ def _mixing_inputs(seed=0):
             torch.rand(2, 3, N, generator=g), torch.rand(2, 3, N, N, generator=g)]
 
 
-def _permutation_mixture(logits, n):
-    """``sum_k softmax(logits)_k P_k``: the permutation matrices written out index by index."""
-    weights = torch.softmax(logits, dim=-1)
-    out = torch.zeros(*logits.shape[:-1], n, n, dtype=logits.dtype)
-    for k, perm in enumerate(itertools.permutations(range(n))):  # identity first
-        for i, j in enumerate(perm):
-            out[..., i, j] = out[..., i, j] + weights[..., k]
-    return out
-
-
 def _paper_permutations(X, phi, alpha, bias):
     """mHC-lite: the paper's gates for H_pre and H_post, and H_res a convex mixture of the n! permutations."""
     x = paper.rms_norm(X.flatten(-2))
     z_pre, z_post, z_res = x @ phi[:, :N], x @ phi[:, N:2 * N], x @ phi[:, 2 * N:]
     return (torch.sigmoid(alpha[0] * z_pre + bias[:N]), 2 * torch.sigmoid(alpha[1] * z_post + bias[N:2 * N]),
-            _permutation_mixture(alpha[2] * z_res + bias[2 * N:], N))
+            paper.permutation_mixture(alpha[2] * z_res + bias[2 * N:], N))
 
 
 def _fused_pre_reference(X, phi, alpha, bias):
