@@ -71,6 +71,11 @@ def _rms_eager(v: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
     return rms(v, eps)
 
 
+def _vec(streams: torch.Tensor) -> torch.Tensor:
+    """``vec(X)``: ``[..., n, C]`` -> ``[..., n·C]`` in the compute dtype."""
+    return streams.reshape(*streams.shape[:-2], -1).to(compute_dtype(streams.dtype))
+
+
 def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(v, r, z)`` with ``v = vec(X)`` in the compute dtype, ``r = rms(v)``, ``z = (v @ phi) / r``; for the ops'
     implementations (real tensors: the RMS branches on the values, see :func:`_rms_eager`).
@@ -80,7 +85,7 @@ def projection(streams: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, 
     Returns:
         ``v [..., n·C]``, ``r [..., 1]``, ``z [..., m]``.
     """
-    v = streams.reshape(*streams.shape[:-2], -1).to(compute_dtype(streams.dtype))
+    v = _vec(streams)
     r = _rms_eager(v)
     return v, r, (v @ phi.to(v.dtype)) / r
 
@@ -106,12 +111,17 @@ def projection_backward(
     return dv.reshape(v.shape), d_phi
 
 
-def _inputs(streams, phi, alpha, bias, n):
-    """``(v, rms(v), z, gain, b)``, in the compute dtype; the first four are None in static mode."""
+def _inputs(streams, phi, alpha, bias, n, z=None, r=None):
+    """``(v, rms(v), z, gain, b)``, in the compute dtype; the first four are None in static mode. A projection
+    ``z``, ``r`` the forward saved is used as given instead of recomputing ``v @ phi``."""
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     if streams is None:
         return None, None, None, None, bias.to(acc)
-    return (*projection(streams, phi), _gain(alpha.to(acc), n), bias.to(acc))
+    if z is None:
+        v, r, z = projection(streams, phi)
+    else:
+        v = _vec(streams)
+    return v, r, z, _gain(alpha.to(acc), n), bias.to(acc)
 
 
 def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callable):
@@ -218,10 +228,7 @@ def coefficients_backward_ref(
     """
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
     g_h = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
-    if z is None or streams is None:
-        v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n)
-    else:
-        v, gain, b = streams.reshape(*streams.shape[:-2], -1).to(acc), _gain(alpha.to(acc), n), bias.to(acc)
+    v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n, z, r)
     if mode == "mhc":
         logits = b if z is None else z * gain + b
         sig = torch.sigmoid(logits[..., : 2 * n])
