@@ -151,7 +151,8 @@ def kernel_section(args, device, dtype):
 
 def e2e_section(args, device):
     if device.type == "cuda":
-        config = GPTConfig(block_size=args.seq, vocab_size=50304, n_layer=24, n_head=16, n_embd=1024)  # ~350M
+        config = GPTConfig(block_size=args.seq, vocab_size=50304, n_layer=args.layers, n_head=args.embd // 64,
+                           n_embd=args.embd)  # 24 x 1024: ~350M
         batch, autocast = args.batch, torch.autocast("cuda", dtype=torch.bfloat16)
     else:
         config = GPTConfig(block_size=128, vocab_size=256, n_layer=6, n_head=4, n_embd=128)
@@ -192,6 +193,8 @@ def main():
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--seq", type=int, default=2048, help="end to end: sequence length (GPU)")
     parser.add_argument("--batch", type=int, default=4, help="end to end: batch (GPU)")
+    parser.add_argument("--layers", type=int, default=24, help="end to end: GPT layers (GPU)")
+    parser.add_argument("--embd", type=int, default=1024, help="end to end: GPT width (GPU)")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--out", help="write the results as JSON here")

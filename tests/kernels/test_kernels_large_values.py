@@ -13,6 +13,7 @@ import mhc_rewrite  # noqa: F401
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux)")
 from mhc_rewrite.kernels.fused_pre import fused_pre_mix_bwd, fused_pre_mix_fwd  # noqa: E402
 
+from devices import on_device
 from tolerances import assert_close
 
 N, C = 4, 16
@@ -31,7 +32,8 @@ def _inputs(scale, magnitude=1.0, dtype=torch.float32, tokens=40):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_logits_keep_every_row_and_column(scale, dtype):
     streams, phi, alpha, bias = _inputs(scale, dtype=dtype)
-    y, h_pre, h_post, h_res = fused_pre_mix_fwd(streams, phi, alpha, bias, None, N, 20, "mhc", block_c=16)
+    y, h_pre, h_post, h_res = on_device(fused_pre_mix_fwd, streams, phi, alpha, bias, None, N, 20, "mhc",
+                                        block_c=16)
     assert torch.isfinite(h_res).all() and (h_res >= 0).all()
     assert_close(h_res.sum(-1), torch.ones(len(streams), N), "sinkhorn_rows")
     assert (h_res.amax(-1) > 0).all() and (h_res.amax(-2) > 0).all()
@@ -41,14 +43,16 @@ def test_large_logits_keep_every_row_and_column(scale, dtype):
         torch.testing.assert_close(h_res, ref, atol=1e-6, rtol=0)
     g = torch.Generator().manual_seed(6)
     d_y = torch.randn(y.shape, generator=g).to(dtype)
-    grads = fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, None, torch.randn(h_post.shape, generator=g),
-                              torch.randn(h_res.shape, generator=g), N, 20, "mhc", block_c=16)
+    grads = on_device(fused_pre_mix_bwd, streams, phi, alpha, bias, h_pre, d_y, None,
+                      torch.randn(h_post.shape, generator=g), torch.randn(h_res.shape, generator=g), N, 20, "mhc",
+                      block_c=16)
     assert all(torch.isfinite(gr).all() for gr in grads)
 
 
 def test_streams_at_1e20_match_float64():
     streams, phi, alpha, bias = _inputs(0.5, magnitude=1e20)
-    _, h_pre, h_post, h_res = fused_pre_mix_fwd(streams, phi, alpha, bias, None, N, 20, "mhc", block_c=16)
+    _, h_pre, h_post, h_res = on_device(fused_pre_mix_fwd, streams, phi, alpha, bias, None, N, 20, "mhc",
+                                        block_c=16)
     v = streams.double().flatten(-2)
     z = (v @ phi.double()) / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
     logits = z * torch.cat([alpha[0].repeat(N), alpha[1].repeat(N), alpha[2].repeat(N * N)]).double() + bias.double()
@@ -63,7 +67,7 @@ def test_streams_at_1e20_match_float64():
     d_y = torch.zeros(len(streams), C)
     d_pre = torch.randn(len(streams), N, generator=torch.Generator().manual_seed(7))
     (want,) = torch.autograd.grad(pre, v, d_pre.double())
-    d_x = fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_pre, torch.zeros(len(streams), N),
-                            torch.zeros(len(streams), N, N), N, 20, "mhc", block_c=16)[0]
+    d_x = on_device(fused_pre_mix_bwd, streams, phi, alpha, bias, h_pre, d_y, d_pre, torch.zeros(len(streams), N),
+                    torch.zeros(len(streams), N, N), N, 20, "mhc", block_c=16)[0]
     assert torch.isfinite(d_x).all()
     assert ((d_x.double().flatten(-2) - want).abs().max() / want.abs().max()) <= 1e-5

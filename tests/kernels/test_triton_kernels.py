@@ -1,5 +1,5 @@
 """The Triton kernels against the paper's equations in float64 (tests/paper.py), outputs and every gradient,
-under TRITON_INTERPRET=1.
+under TRITON_INTERPRET=1 (or compiled on a GPU: tests/devices.py).
 
 Shapes x dtypes, tolerances from tests/tolerances.py (errors relative to the largest reference value). Grids stay
 small: the interpreter's cost is per program instance.
@@ -12,6 +12,7 @@ import mhc_rewrite  # noqa: F401
 from mhc_rewrite.ops import use_triton
 
 import paper
+from devices import DEVICE, on_device
 from tolerances import assert_close
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (Linux)")
@@ -28,8 +29,9 @@ def _paper_coefficients(inputs, n, mode):
     return paper.coefficients(*inputs, n, 20) if mode == "mhc" else paper.hc_coefficients(*inputs, n)
 
 
-def test_kernels_run_under_the_interpreter():
-    assert use_triton(torch.empty(1)), "conftest sets TRITON_INTERPRET=1, so the kernels run on CPU tensors"
+def test_the_kernels_run_here():
+    """On CPU the conftest sets TRITON_INTERPRET=1 so the kernels run under the interpreter; on a GPU they compile."""
+    assert use_triton(torch.empty(1, device=DEVICE))
 
 
 def _dynamic_inputs(lead, n, C, dtype, seed=0):
@@ -46,7 +48,7 @@ def _dynamic_inputs(lead, n, C, dtype, seed=0):
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
 def test_fused_pre_mix_forward_and_backward(lead, n, C, dtype, mode):
     streams, phi, alpha, bias = _dynamic_inputs(lead, n, C, dtype)
-    y, h_pre, h_post, h_res = fused_pre_mix_fwd(streams, phi, alpha, bias, None, n, 20, mode, block_c=16)
+    y, h_pre, h_post, h_res = on_device(fused_pre_mix_fwd, streams, phi, alpha, bias, None, n, 20, mode, block_c=16)
     # reference in float64 on the same (rounded) inputs
     ref_in = [t.double().requires_grad_() for t in (streams, phi, alpha, bias)]
     r_pre, r_post, r_res = _paper_coefficients(ref_in, n, mode)
@@ -60,7 +62,8 @@ def test_fused_pre_mix_forward_and_backward(lead, n, C, dtype, mode):
     d_y = torch.randn(r_y.shape, generator=g).to(dtype)
     d_post, d_res = torch.randn(r_post.shape, generator=g), torch.randn(r_res.shape, generator=g)
     want = torch.autograd.grad((r_y, r_post, r_res), ref_in, (d_y.double(), d_post.double(), d_res.double()))
-    got = fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, mode, block_c=16)
+    got = on_device(fused_pre_mix_bwd, streams, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, mode,
+                    block_c=16)
     assert got[0].dtype == dtype
     assert_close(got[0], want[0], "streams", dtype, msg="d_streams")
     for name, gt, wt in zip(("d_phi", "d_alpha", "d_bias"), got[1:], want[1:]):
@@ -78,7 +81,7 @@ def test_static_pre_mix(lead, n, C, dtype):
     g = torch.Generator().manual_seed(n)
     streams = torch.randn(*lead, n, C, generator=g).to(dtype)
     h_pre = torch.rand(n, generator=g)
-    y, *_ = fused_pre_mix_fwd(streams, None, None, None, h_pre, n, 20, "mhc", block_c=16)
+    y, *_ = on_device(fused_pre_mix_fwd, streams, None, None, None, h_pre, n, 20, "mhc", block_c=16)
     assert y.dtype == dtype
     assert_close(y, paper.pre_mix(streams.double(), h_pre.double()), "streams", dtype)
 
@@ -91,14 +94,14 @@ def test_post_res_mix_forward_and_backward(lead, n, C, dtype, static):
     streams, branch = torch.randn(*lead, n, C, generator=g).to(dtype), torch.randn(*lead, C, generator=g).to(dtype)
     coeff_lead = () if static else lead
     h_post, h_res = torch.rand(*coeff_lead, n, generator=g), torch.rand(*coeff_lead, n, n, generator=g)
-    out = post_res_mix_fwd(streams, branch, h_post, h_res, block_c=16)
+    out = on_device(post_res_mix_fwd, streams, branch, h_post, h_res, block_c=16)
     ref_in = [t.double().requires_grad_() for t in (streams, branch, h_post, h_res)]
     ref = paper.post_res_mix(*ref_in)
     assert out.dtype == dtype
     assert_close(out, ref, "streams", dtype)
     grad = torch.randn(ref.shape, generator=g).to(dtype)
     want = torch.autograd.grad(ref, ref_in, grad.double())
-    got = post_res_mix_bwd(streams, branch, h_post, h_res, grad, block_c=16)
+    got = on_device(post_res_mix_bwd, streams, branch, h_post, h_res, grad, block_c=16)
     for name, gt, wt in zip(("d_streams", "d_branch", "d_h_post", "d_h_res"), got, want):
         assert_close(gt, wt, "streams", dtype, msg=name)
 
@@ -109,10 +112,10 @@ def test_identity_init_is_exact_through_the_kernels():
     params = mhc_rewrite.MHCSiteParams(mhc_rewrite.MHCConfig(n=n), C, site_index=1)
     x = torch.randn(6, C)
     streams = x.unsqueeze(-2).expand(6, n, C).contiguous()
-    y, h_pre, h_post, h_res = fused_pre_mix_fwd(streams, params.phi.detach(), params.alpha.detach(),
+    y, h_pre, h_post, h_res = on_device(fused_pre_mix_fwd, streams, params.phi.detach(), params.alpha.detach(),
                                                 params.bias.detach(), None, n, 20, "mhc")
     assert_close(y, x, "few_roundings")
     assert_close(h_res.sum(-1), torch.ones(6, n), "few_roundings")
     f = torch.randn(6, C)
-    out = post_res_mix_fwd(streams, f, h_post, h_res)
+    out = on_device(post_res_mix_fwd, streams, f, h_post, h_res)
     assert_close(out, (x + f).unsqueeze(-2).expand(6, n, C), "few_roundings")

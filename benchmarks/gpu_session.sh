@@ -1,0 +1,24 @@
+#!/bin/bash
+# Everything the lent GPU machine checks, in one call (device/README: one short, prepared script):
+#   1. the Triton kernel tests compiled for the GPU (MHC_TEST_DEVICE=cuda, tests/devices.py) and tests/kernels/test_gpu.py
+#      (Inductor schedules the kernels; results against float64);
+#   2. benchmarks/mhc_bench.py's kernel section (16384 tokens, n=4, C=4096, bf16; against a device copy and Liger);
+#   3. its end-to-end section (a GPT-2-small-sized model, torch.compile, plain against mHC n=4).
+# Results go to $OUT (the device tool brings them back). Carry .whl (a liger-kernel wheel) for the Liger rows.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 MHC_TEST_DEVICE=cuda PYTHONPATH=$PWD
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  date -u; } 2>&1 | tee "$OUT/env.txt"
+timeout "${TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider -x tests/kernels/test_triton_kernels.py \
+    tests/kernels/test_kernels_large_values.py tests/kernels/test_gpu.py > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -n 15 "$OUT/tests.log"
+timeout "${KERNELS_S:-180}" python3 benchmarks/mhc_bench.py --skip-e2e --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+timeout "${E2E_S:-200}" python3 benchmarks/mhc_bench.py --skip-kernels --layers 12 --embd 768 --seq 1024 --batch 8 \
+    --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
