@@ -90,4 +90,4 @@ def compile(
     if example_inputs is not None and converted is not model:
         args, kwargs = split_example_inputs(example_inputs)
         region_call(converted, args, kwargs)  # trace this mode's graph now: a trace inside Dynamo is a graph break
-    return torch.compile(converted, backend="mhc", **(compile_options or {}))
+    return torch.compile(converted, backend=mhc_backend, **(compile_options or {}))

@@ -64,7 +64,7 @@ def _project(X, PHI, t, tmask, i, imask, k, kmask, C, N: tl.constexpr, NP: tl.co
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
     u = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        x, _, _, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
+        x, _offs, _mask, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
         scale, sumsq = _add_squares(scale, sumsq, x)
         phi = _phi_rows(PHI, i, imask, c, cmask, k, kmask, C, M, NP, BLOCK_C)
         u += tl.dot(tl.reshape(x, [BLOCK_T, NP * BLOCK_C]), phi, input_precision="ieee")
@@ -104,7 +104,7 @@ def _fused_pre_mix_fwd(
             sig = tl.sigmoid(logits)
             same_row, same_col = group_matrices(is_res, row, col)
             _, m = sinkhorn_first_round(logits, is_res, same_row, same_col)
-            for _ in range(ITERS - 1):
+            for _round in range(ITERS - 1):
                 m = normalise(m, same_col, is_res)
                 m = normalise(m, same_row, is_res)
             h = tl.where(is_pre[None, :], sig, tl.where(is_post[None, :], 2.0 * sig, m))
@@ -119,7 +119,7 @@ def _fused_pre_mix_fwd(
     else:
         h_pre = tl.load(HPRE + i[None, :] + 0 * t[:, None], mask=tmask[:, None] & imask[None, :], other=0.0)
     for c0 in range(0, C, BLOCK_C):
-        x, _, _, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
+        x, _offs, _mask, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
         y = tl.sum(h_pre[:, :, None] * x, axis=1)
         tl.store(Y + t[:, None] * C + c[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
@@ -161,7 +161,7 @@ def _fused_pre_mix_bwd(
     u = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
     g = tl.zeros([BLOCK_T, MP], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        x, _, _, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
+        x, _offs, _mask, c, cmask = _load_tile(X, t, tmask, i, imask, c0, C, N, BLOCK_C)
         dy = tl.load(DY + t[:, None] * C + c[None, :], mask=tk & cmask[None, :], other=0.0).to(tl.float32)
         scale, sumsq = _add_squares(scale, sumsq, x)
         phi = _phi_rows(PHI, i, imask, c, cmask, k, kmask, C, M, NP, BLOCK_C)
@@ -226,8 +226,15 @@ def _fused_pre_mix_bwd(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=xmask)
 
 
-def _blocks(C: int, block_t: int, block_c: int):
-    return block_t, min(block_c, triton.next_power_of_2(C))
+# The projection tile is [NP·BLOCK_C, MP] float32 and sits in shared memory for tl.dot: at n=4 (NP·BLOCK_C·MP = 4·64·32)
+# the forward takes 80 KB and the backward 112 KB, within a Hopper block's 227 KB. Larger n shrinks BLOCK_C to keep that
+# product (n=8 at BLOCK_C=64 would need 557 KB / 819 KB and fail to launch).
+TILE_ELEMENTS = 4 * 64 * 32
+
+
+def _blocks(C: int, n: int, block_t: int, block_c: int):
+    fit = max(8, TILE_ELEMENTS // (triton.next_power_of_2(n) * _mp(n)))
+    return block_t, min(block_c, fit, triton.next_power_of_2(C))
 
 
 def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, block_t=16, block_c=64):
@@ -240,7 +247,7 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
     lead, C = streams.shape[:-2], streams.shape[-1]
     x = streams.reshape(-1, n, C).contiguous()
     T = x.shape[0]
-    block_t, block_c = _blocks(C, block_t, block_c)
+    block_t, block_c = _blocks(C, n, block_t, block_c)
     y = torch.empty((T, C), device=x.device, dtype=x.dtype)
     dynamic = phi is not None
     if dynamic:
@@ -269,7 +276,7 @@ def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
     lead, C = streams.shape[:-2], streams.shape[-1]
     x = streams.reshape(-1, n, C).contiguous()
     T, M = x.shape[0], n * n + 2 * n
-    block_t, block_c = _blocks(C, block_t, block_c)
+    block_t, block_c = _blocks(C, n, block_t, block_c)
     f32 = dict(device=x.device, dtype=torch.float32)
 
     def rows(g, width):
