@@ -17,9 +17,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   date -u; } 2>&1 | tee "$OUT/env.txt"
-timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_triton_kernels.py \
+timeout "${TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_triton_kernels.py \
     tests/kernels/test_kernels_large_values.py tests/kernels/test_gpu.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -n 15 "$OUT/tests.log"
-timeout "${KERNELS_S:-180}" python3 benchmarks/mhc_bench.py --skip-e2e --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
-timeout "${E2E_S:-150}" python3 benchmarks/mhc_bench.py --skip-kernels --layers 12 --embd 768 --seq 1024 --batch 8 \
+timeout "${KERNELS_S:-170}" python3 benchmarks/mhc_bench.py --skip-e2e --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+timeout "${E2E_S:-170}" python3 benchmarks/mhc_bench.py --skip-kernels --layers 12 --embd 768 --seq 1024 --batch 8 \
     --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"

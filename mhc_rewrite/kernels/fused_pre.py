@@ -80,7 +80,8 @@ def _fused_pre_mix_fwd(
     Y,  # [T, C] out: the block input, X's dtype
     HPRE, HPOST, HRES,  # [T, N], [T, N], [T, N*N] out, float32 (read-only HPRE [N] when not DYNAMIC)
     T, C,  # tokens, channels
-    EPS,  # RMSNorm epsilon
+    EPS: tl.constexpr,  # RMSNorm epsilon (constexpr: Inductor passes a Python float as fp64, which would make the
+    # whole coefficient path float64)
     N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,  # streams, next power of 2, padded logit width
     ITERS: tl.constexpr,  # Sinkhorn rounds
     MODE: tl.constexpr,  # 0: mhc, 1: hc
@@ -141,7 +142,7 @@ def _fused_pre_mix_bwd(
     DX,  # [T, N, C] out, X's dtype
     DU, DLOGITS, DGAIN,  # [T, M] out, float32
     SCRATCH,  # [T, 2*ITERS, MP] float32 workspace
-    T, C, EPS,
+    T, C, EPS: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr, MODE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -262,7 +263,7 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
         args = (h_pre, h_pre, h_pre)
     grid = (triton.cdiv(T, block_t),)
     wrap_triton(_fused_pre_mix_fwd)[grid](
-        x, *args, y, h_pre, h_post, h_res, T, C, RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters,
+        x, *args, y, h_pre, h_post, h_res, T, C, EPS=RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters,
         MODE=0 if mode == "mhc" else 1, DYNAMIC=dynamic, BLOCK_T=block_t, BLOCK_C=block_c)
     y = y.reshape(*lead, C)
     if not dynamic:
@@ -288,9 +289,9 @@ def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
     grid = (triton.cdiv(T, block_t),)
     wrap_triton(_fused_pre_mix_bwd)[grid](
         x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n), d_y.reshape(T, C).contiguous(),
-        rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n), d_x, du, d_logits, d_gain, scratch, T, C, RMS_EPS,
-        N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1, BLOCK_T=block_t,
-        BLOCK_C=block_c)
+        rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n), d_x, du, d_logits, d_gain, scratch, T, C,
+        EPS=RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1,
+        BLOCK_T=block_t, BLOCK_C=block_c)
     d_phi = x.reshape(T, n * C).float().T @ du
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=1)])
     d_bias = d_logits.sum(0)

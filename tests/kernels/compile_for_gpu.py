@@ -1,9 +1,10 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90) on a machine without one; prints one JSON line per kernel.
 
 The interpreter (TRITON_INTERPRET=1, how CI runs the kernels) does not type-check a kernel as the compiler does: a
-loop-carried variable that changes type, or a tile too large for shared memory, passes there and fails on the GPU.
-This script runs the launchers with CPU tensors, but each launch goes through ``triton.compile`` (front end, LLVM and
-the ptxas bundled with triton) instead of running. Run in its own process: TRITON_INTERPRET must be 0 at import.
+loop-carried variable that changes type, a tile too large for shared memory, or a float argument that Inductor passes
+as fp64, passes there and fails on the GPU. This script runs the launchers with CPU tensors, but each launch goes
+through ``triton.compile`` (front end, LLVM and the ptxas bundled with triton) instead of running. Run it in a
+process of its own: TRITON_INTERPRET must be 0 at import.
 
     TRITON_INTERPRET=0 python tests/kernels/compile_for_gpu.py
 """
@@ -27,9 +28,10 @@ POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
 
 
 def _signature_type(value):
+    """As Inductor types a user kernel's arguments: a Python float becomes fp64 (a plain launch would make it fp32)."""
     if isinstance(value, torch.Tensor):
         return POINTER[value.dtype]
-    return "i32" if isinstance(value, int) else "fp32"
+    return "i32" if isinstance(value, int) else "fp64"
 
 
 class _Compile:
