@@ -3,7 +3,8 @@
 #   1. the Triton kernel tests compiled for the GPU (MHC_TEST_DEVICE=cuda, tests/devices.py) and tests/kernels/test_gpu.py
 #      (Inductor schedules the kernels; results against float64);
 #   2. benchmarks/mhc_bench.py's kernel section (16384 tokens, n=4, C=4096, bf16; against a device copy and Liger);
-#   3. its end-to-end section (a GPT-2-small-sized model, torch.compile, plain against mHC n=4).
+#   3. benchmarks/kernel_blocks.py (block sizes of the pre-mix kernels);
+#   4. mhc_bench's end-to-end section (a GPT-2-small-sized model, torch.compile, plain against mHC n=4).
 # Results go to $OUT (the device tool brings them back). Carry .whl (a liger-kernel wheel) for the Liger rows.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -17,9 +18,12 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   date -u; } 2>&1 | tee "$OUT/env.txt"
-timeout "${TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_triton_kernels.py \
+# each stage has its own limit (seconds, env); a limit of 0 skips the stage
+run() { local limit=$1; shift; [ "$limit" -gt 0 ] && timeout "$limit" "$@"; }
+run "${TESTS_S:-70}" python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_triton_kernels.py \
     tests/kernels/test_kernels_large_values.py tests/kernels/test_gpu.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -n 15 "$OUT/tests.log"
-timeout "${KERNELS_S:-170}" python3 benchmarks/mhc_bench.py --skip-e2e --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
-timeout "${E2E_S:-170}" python3 benchmarks/mhc_bench.py --skip-kernels --layers 12 --embd 768 --seq 1024 --batch 8 \
+run "${KERNELS_S:-110}" python3 benchmarks/mhc_bench.py --skip-e2e --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+run "${BLOCKS_S:-60}" python3 benchmarks/kernel_blocks.py 2>&1 | tee "$OUT/blocks.log"
+run "${E2E_S:-120}" python3 benchmarks/mhc_bench.py --skip-kernels --layers 12 --embd 768 --seq 1024 --batch 8 \
     --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"

@@ -59,7 +59,7 @@ def copy_bandwidth(device, nbytes):
 
 def liger_ops():
     try:
-        from liger_kernel.ops.mhc import liger_mhc_coeffs, liger_mhc_post_res, liger_mhc_pre
+        from liger_kernel.transformers.functional import liger_mhc_coeffs, liger_mhc_post_res, liger_mhc_pre
     except Exception as exc:  # not installed, or no GPU
         return None, f"{type(exc).__name__}: {exc}"
     return (liger_mhc_coeffs, liger_mhc_pre, liger_mhc_post_res), None

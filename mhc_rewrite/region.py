@@ -129,7 +129,10 @@ class ConvertedRegion(nn.Module):
 
     def _mhc_graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
         state: RegionState = self.__dict__["_mhc_state"]
-        for fixed, gm in state.graphs.get(call_key(self, args, kwargs), ()):
+        key = call_key(self, args, kwargs)
+        # `in` and `[]`, not dict.get: Dynamo of torch 2.11 cannot trace dict.get here, breaks the graph and recompiles
+        # the rest at every step (seen on a GPU machine whose torch was 2.11)
+        for fixed, gm in state.graphs[key] if key in state.graphs else ():
             if sizes_match(fixed, args, kwargs):
                 state.last = gm
                 return gm

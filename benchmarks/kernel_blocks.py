@@ -1,0 +1,43 @@
+"""Block sizes of the fused pre-mix kernels on a GPU: time the forward and backward launchers at the benchmark shape
+(16384 tokens, n=4, C=4096, bf16) for a few (BLOCK_T, BLOCK_C), and the backward's parts (kernel, d_phi matmul).
+
+    python benchmarks/kernel_blocks.py        # needs CUDA
+"""
+
+import torch
+import triton.testing
+
+from mhc_rewrite.kernels.fused_pre import fused_pre_mix_bwd, fused_pre_mix_fwd
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+
+
+def main():
+    T, n, C = 16384, 4, 4096
+    m = n * n + 2 * n
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(T, n, C, generator=g).to("cuda", torch.bfloat16)
+    phi = (torch.randn(n * C, m, generator=g) / (n * C) ** 0.5).cuda()
+    alpha, bias = (0.3 * torch.randn(3, generator=g)).cuda(), torch.randn(m, generator=g).cuda()
+    d_y = torch.randn(T, C, generator=g).to("cuda", torch.bfloat16)
+    d_post, d_res = torch.randn(T, n, device="cuda"), torch.randn(T, n, n, device="cuda")
+    h_pre = fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc")[1]
+    print(f"{'BLOCK_T':>8}{'BLOCK_C':>8}{'fwd ms':>10}{'bwd ms':>10}")
+    for block_t in (16, 32, 64):
+        for block_c in (32, 64):  # 64 is the largest the shared-memory cap allows at n=4
+            try:
+                fwd = ms(lambda: fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc", block_t, block_c))
+                bwd = ms(lambda: fused_pre_mix_bwd(X, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, "mhc",
+                                                   block_t, block_c))
+                print(f"{block_t:>8}{block_c:>8}{fwd:>10.3f}{bwd:>10.3f}", flush=True)
+            except Exception as exc:  # too large for shared memory or registers
+                print(f"{block_t:>8}{block_c:>8}  failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    x32 = X.reshape(T, n * C)
+    du = torch.randn(T, m, device="cuda")
+    print(f"d_phi = vec(X)^T @ du alone (float copy + matmul): {ms(lambda: x32.float().T @ du):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
