@@ -94,6 +94,8 @@ def kernel_section(args, device, dtype):
         "inductor_post_res": rel_err(compiled_post(X, f, h_post, h_res), r_post),
     }
 
+    print("max relative error vs float64:", {name: f"{v:.2e}" for name, v in out["correctness"].items()}, flush=True)
+
     # timings: forward, and forward + backward
     def pre_fwd_bwd(fn):
         Xg, phig, ag, bg = (t.detach().requires_grad_() for t in (X, phi, alpha, bias))
@@ -129,6 +131,9 @@ def kernel_section(args, device, dtype):
         out["liger_kernel"] = why_not or "needs CUDA"
     copy = copy_bandwidth(device, T * n * C * es)
     out["copy_GBps"] = copy / 1e9
+    print(f"kernels on {device}: {out['shape']}; device copy {copy / 1e9:.1f} GB/s", flush=True)
+    print(f"{'implementation':<26}" + "".join(f"{c:>24}" for c in ("pre fwd", "post fwd", "pre fwd+bwd",
+                                                                  "post fwd+bwd")), flush=True)
     # the unavoidable traffic, in stream rows of C elements per token: pre reads X (n) and writes y (1); its backward
     # reads X and dy and writes dX (2n + 1); post reads X and f, writes X' (2n + 1); its backward reads X, dX', f and
     # writes dX, df (3n + 2)
@@ -150,6 +155,9 @@ def kernel_section(args, device, dtype):
             continue
         rows[name] = {k: {"ms": 1e3 * v, "GBps": bytes_moved[k] / v / 1e9, "pct_copy": 100 * bytes_moved[k] / v / copy}
                       for k, v in row.items()}
+        # printed as each row is measured: a run cut off by its time limit still shows the rows it finished
+        print(f"{name:<26}" + "".join(f"{v['ms']:>9.3f} ms {v['pct_copy']:>6.1f}% cp" for v in rows[name].values()),
+              flush=True)
     out["timings"] = rows
     return out
 
@@ -213,13 +221,6 @@ def main():
         if not use_triton(torch.empty(1, device=device)):
             sys.exit("the kernel section needs CUDA or TRITON_INTERPRET=1")
         report["kernels"] = kernel_section(args, device, DTYPES[args.dtype])
-        k = report["kernels"]
-        print(f"kernels on {report['device']}: {k['shape']}; device copy {k['copy_GBps']:.1f} GB/s")
-        print("max relative error vs float64:", {name: f"{v:.2e}" for name, v in k["correctness"].items()})
-        print(f"{'implementation':<26}" + "".join(f"{c:>24}" for c in ("pre fwd", "post fwd", "pre fwd+bwd",
-                                                                      "post fwd+bwd")))
-        for name, row in k["timings"].items():
-            print(f"{name:<26}" + "".join(f"{v['ms']:>9.3f} ms {v['pct_copy']:>6.1f}% cp" for v in row.values()))
     if not args.skip_e2e:
         report["e2e"] = e2e_section(args, device)
         e = report["e2e"]

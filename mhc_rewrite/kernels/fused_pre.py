@@ -233,12 +233,18 @@ def _fused_pre_mix_bwd(
 TILE_ELEMENTS = 4 * 64 * 32
 
 
+# Default blocks, from benchmarks/kernel_blocks.py on an H200 (16384 tokens, n=4, C=4096, bf16; 2026-11-26): forward
+# 1.14 ms at (32, 32) against 1.33 at (16, 64) and 2.01 at (16, 32); backward 4.50 ms against 19.3 and 11.3, and 66 ms
+# at (32, 64) (not inspected; register spills are the likely cause). Other n and GPUs not measured yet.
+BLOCK_T, BLOCK_C = 32, 32
+
+
 def _blocks(C: int, n: int, block_t: int, block_c: int):
     fit = max(8, TILE_ELEMENTS // (triton.next_power_of_2(n) * _mp(n)))
     return block_t, min(block_c, fit, triton.next_power_of_2(C))
 
 
-def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, block_t=16, block_c=64):
+def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, block_t=BLOCK_T, block_c=BLOCK_C):
     """Launch the forward. ``streams [..., n, C]``; dynamic when ``phi`` is given, else ``h_pre_static [n]``.
 
     Returns ``(y [..., C], h_pre, h_post, h_res)`` (coefficients float32, ``[..., n]``/``[..., n, n]``;
@@ -272,7 +278,7 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
 
 
 def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, iters, mode,
-                      block_t=16, block_c=64):
+                      block_t=BLOCK_T, block_c=BLOCK_C):
     """Launch the backward of the dynamic fused op; returns ``(d_streams, d_phi, d_alpha, d_bias)``."""
     lead, C = streams.shape[:-2], streams.shape[-1]
     x = streams.reshape(-1, n, C).contiguous()
