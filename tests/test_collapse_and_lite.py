@@ -8,6 +8,7 @@ import mhc_rewrite
 from mhc_rewrite.ops.collapse import CollapseParams, learned_collapse
 
 from models import GPT, GPTConfig, ResidualMLP
+from tolerances import assert_close, tolerance
 
 TOL = 1e-5
 
@@ -52,7 +53,7 @@ def test_learned_collapse_at_init_is_the_mean_and_moves_when_its_gate_does():
     streams = torch.randn(3, 5, 4, 8)
     params = CollapseParams(4, 8)
     y = learned_collapse(streams, params.phi, params.alpha, params.bias)
-    assert torch.allclose(y, streams.mean(dim=-2), atol=1e-6)
+    assert_close(y, streams.mean(dim=-2), "few_roundings")
     with torch.no_grad():
         params.alpha.fill_(1.0)
     y = learned_collapse(streams, params.phi, params.alpha, params.bias)
@@ -91,7 +92,7 @@ def test_the_last_sites_h_res_learns_only_with_the_learned_collapse():
         return last.grad[2 * 4:].abs().max().item()
 
     inert, learned = last_res_grad("mean"), last_res_grad("learned")
-    assert inert < 1e-9  # float32 rounding only (~5e-11 here); the interior sites get ~1e-6 after 3 steps
+    assert inert <= tolerance("zero_grad")  # float32 rounding only; the interior sites get ~1e-6 after 3 steps
     assert learned > 1e3 * max(inert, 1e-12)  # ~3e-7 after 3 steps, growing as the gate moves
 
 
@@ -106,7 +107,7 @@ def test_permutations_train_and_every_parameter_gets_a_gradient():
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in site_params.values())
     diagnostics = mhc_rewrite.stream_diagnostics(converted, *inputs)
     forward, backward = diagnostics.max_gain()
-    assert forward == pytest.approx(1.0, abs=1e-5) and backward == pytest.approx(1.0, abs=1e-5)
+    assert_close(torch.tensor([forward, backward]), torch.ones(2), "composite_gain")
 
 
 def test_invalid_options_are_refused():

@@ -10,6 +10,8 @@ import torch
 import mhc_rewrite  # noqa: F401
 from mhc_rewrite.ops.coefficients import _rms_eager, rms
 
+from tolerances import assert_close
+
 
 def plain_coefficients_float64(X, phi, alpha, bias, n):
     """H_pre, H_post and the res logits of the paper's Eq. 7-9 in float64, RMS as sqrt(mean(v²) + 1e-6)."""
@@ -34,8 +36,8 @@ def test_rms_matches_float64(magnitude):
     v = magnitude * torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     want = torch.sqrt(v.double().pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.isfinite(v.pow(2).sum()) == (magnitude < 1e19)  # the plain fp32 formula overflows at 1e20
-    torch.testing.assert_close(rms(v).double(), want, rtol=1e-6, atol=0)
-    torch.testing.assert_close(_rms_eager(v).double(), want, rtol=1e-6, atol=0)  # the ops' one-read form
+    assert_close(rms(v), want, "rms")
+    assert_close(_rms_eager(v), want, "rms")  # the ops' one-read form
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,12 +47,12 @@ def test_coefficients_at_1e20_match_float64(dtype):
     want_pre, want_post, want_logits = plain_coefficients_float64(X, phi, alpha, bias, n)
     X = X.requires_grad_()
     h_pre, h_post, h_res = torch.ops.mhc.coefficients(X, phi, alpha, bias, n, 20, "mhc")[:3]
-    torch.testing.assert_close(h_pre.double(), want_pre, atol=2e-5, rtol=0)
-    torch.testing.assert_close(h_post.double(), want_post, atol=2e-5, rtol=0)
+    assert_close(h_pre, want_pre, "coefficients")
+    assert_close(h_post, want_post, "coefficients")
     # the gates would be sigmoid(bias) exactly if the RMS had overflowed to inf
     assert (h_pre - torch.sigmoid(bias[:n])).abs().max() > 1e-2
     want_res = torch.ops.mhc.sinkhorn_knopp(want_logits.unflatten(-1, (n, n)), 20)
-    torch.testing.assert_close(h_res.double(), want_res, atol=2e-5, rtol=0)
+    assert_close(h_res, want_res, "coefficients")
     weights = torch.randn(n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     (d_X,) = torch.autograd.grad((h_pre * torch.arange(n)).sum() + (h_res * weights).sum(), X)
     X64 = X.detach().double().requires_grad_()
@@ -61,8 +63,7 @@ def test_coefficients_at_1e20_match_float64(dtype):
         m = m / m.sum(-1, keepdim=True)
     (want_d_X,) = torch.autograd.grad((pre64 * torch.arange(n)).sum() + (m * weights).sum(), X64)
     assert torch.isfinite(d_X).all()
-    err = (d_X.double() - want_d_X).abs().max() / want_d_X.abs().max()
-    assert err <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert_close(d_X, want_d_X, "streams", dtype)
 
 
 def test_learned_collapse_and_mhc_lite_at_1e20_match_float64():
@@ -78,12 +79,12 @@ def test_learned_collapse_and_mhc_lite_at_1e20_match_float64():
     phi, alpha, bias = torch.randn(n * C, n, generator=g) / (n * C) ** 0.5, torch.tensor([1.0]), torch.zeros(n)
     weights = torch.sigmoid(alpha.double() * (v @ phi.double()) / r + bias.double())
     want = (weights.unsqueeze(-1) * X.double()).sum(-2)
-    torch.testing.assert_close(learned_collapse(X, phi, alpha, bias).double(), want, rtol=1e-5, atol=0)
+    assert_close(learned_collapse(X, phi, alpha, bias), want, "streams", torch.float32)
 
     m = 2 * n + 6  # n! = 6 permutation logits
     phi, alpha, bias = torch.randn(n * C, m, generator=g) / (n * C) ** 0.5, torch.ones(3), torch.zeros(m)
     z = (v @ phi.double()) / r
     h_pre, h_post, _ = coefficients_permutations_ref(X, phi, alpha, bias, n)
-    torch.testing.assert_close(h_pre.double(), torch.sigmoid(z[:, :n]), atol=2e-5, rtol=0)
-    torch.testing.assert_close(h_post.double(), 2 * torch.sigmoid(z[:, n:2 * n]), atol=2e-5, rtol=0)
+    assert_close(h_pre, torch.sigmoid(z[:, :n]), "coefficients")
+    assert_close(h_post, 2 * torch.sigmoid(z[:, n:2 * n]), "coefficients")
     assert (h_pre - 0.5).abs().max() > 1e-2  # the gates would be sigmoid(0) = 0.5 had the RMS overflowed

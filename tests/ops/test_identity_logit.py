@@ -14,6 +14,7 @@ import torch
 from mhc_rewrite.ops.permutations import identity_logit
 
 import paper
+from tolerances import assert_close
 
 
 def _mixture_diagonal(logit_on_identity: float, n: int) -> torch.Tensor:
@@ -25,7 +26,7 @@ def _mixture_diagonal(logit_on_identity: float, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("n,diagonal", [(3, 0.25), (3, 0.3), (3, 0.9), (4, 0.23), (2, 0.6)])
 def test_the_logit_gives_the_asked_diagonal(n, diagonal):
     c = identity_logit(n, diagonal)
-    assert torch.allclose(_mixture_diagonal(c, n), torch.full((n,), diagonal, dtype=torch.float64), atol=1e-12)
+    assert_close(_mixture_diagonal(c, n), torch.full((n,), diagonal, dtype=torch.float64), "float64", torch.float64)
 
 
 @pytest.mark.parametrize("n,diagonal", [(2, 0.0), (3, 0.2), (3, 0.1)])  # E = 0 exactly, then below
