@@ -9,7 +9,7 @@ import mhc_rewrite
 from mhc_rewrite.passes import lower_fused
 
 from models import GPT, GPTConfig, perturb_mhc
-from tolerances import assert_close
+from tolerances import GRADCHECK, assert_close
 
 mhc = torch.ops.mhc
 
@@ -30,11 +30,12 @@ def test_opcheck():
 def test_gradcheck_of_the_reference_path_float64():
     streams, phi, alpha, bias = (t.double()[:1, :2].requires_grad_() if t.dim() == 4 else t.double().requires_grad_()
                                  for t in _inputs(C=3))
-    assert torch.autograd.gradcheck(lambda *a: mhc.fused_pre_mix(*a, 4, 10, "mhc"), (streams, phi, alpha, bias))
+    fused = lambda *a: mhc.fused_pre_mix(*a, 4, 10, "mhc")  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (streams, phi, alpha, bias), **GRADCHECK)
     branch = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
     h_post = torch.rand(1, 2, 4, dtype=torch.float64, requires_grad=True)
     h_res = torch.rand(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(mhc.fused_post_res_mix, (streams, branch, h_post, h_res))
+    assert torch.autograd.gradcheck(mhc.fused_post_res_mix, (streams, branch, h_post, h_res), **GRADCHECK)
 
 
 @pytest.mark.parametrize("mode", ["mhc", "hc"])

@@ -7,7 +7,7 @@ import mhc_rewrite  # noqa: F401
 
 from paper import post_res_mix as _loop_post_res_mix
 from paper import pre_mix as _loop_pre_mix
-from tolerances import assert_close
+from tolerances import GRADCHECK, assert_close
 
 mhc = torch.ops.mhc
 SHAPES = [((5,), 4, 8), ((2, 3), 4, 16), ((2, 3), 2, 8), ((4,), 3, 6)]  # (leading dims, n, C)
@@ -34,10 +34,10 @@ def test_mixing_matches_loops(lead, n, C, static):
 @pytest.mark.parametrize("static", [False, True])
 def test_gradcheck_float64(static):
     X, f, h_post, h_res = (t.requires_grad_() for t in _inputs((2, 3), 4, 5, static=static))
-    assert torch.autograd.gradcheck(mhc.pre_mix, (X, h_post))
-    assert torch.autograd.gradcheck(mhc.post_res_mix, (X, f, h_post, h_res))
-    assert torch.autograd.gradcheck(lambda x: mhc.expand_streams(x, 4), (f,))
-    assert torch.autograd.gradcheck(mhc.reduce_streams, (X,))
+    assert torch.autograd.gradcheck(mhc.pre_mix, (X, h_post), **GRADCHECK)
+    assert torch.autograd.gradcheck(mhc.post_res_mix, (X, f, h_post, h_res), **GRADCHECK)
+    assert torch.autograd.gradcheck(lambda x: mhc.expand_streams(x, 4), (f,), **GRADCHECK)
+    assert torch.autograd.gradcheck(mhc.reduce_streams, (X,), **GRADCHECK)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
