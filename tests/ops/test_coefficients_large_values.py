@@ -31,13 +31,17 @@ def _inputs(magnitude, dtype, n=4, C=16):
     return X, phi, alpha, bias
 
 
-@pytest.mark.parametrize("magnitude", [1.0, 1e20, 1e-20])
+@pytest.mark.parametrize("magnitude", [1.0, 1e20, 1e-20, "per row"])
 def test_rms_matches_float64(magnitude):
-    v = magnitude * torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    # "per row": rows from 1e-3 to 1e20 in one tensor; each row needs its own scale (one scale for the tensor
+    # would round the small rows' squares to zero)
+    v = v * (torch.logspace(-3, 20, 16).unsqueeze(-1) if magnitude == "per row" else magnitude)
     want = torch.sqrt(v.double().pow(2).mean(-1, keepdim=True) + 1e-6)
-    assert torch.isfinite(v.pow(2).sum()) == (magnitude < 1e19)  # the plain fp32 formula overflows at 1e20
-    assert_close(rms(v), want, "rms")
-    assert_close(_rms_eager(v), want, "rms")  # the ops' one-read form
+    assert torch.isfinite(v.pow(2).sum()) == (magnitude in (1.0, 1e-20))  # the plain fp32 formula overflows
+    # each row against its own value: relative to the largest row, the small rows' errors would not show
+    assert_close(rms(v).double() / want, torch.ones_like(want), "rms")
+    assert_close(_rms_eager(v).double() / want, torch.ones_like(want), "rms")  # the ops' one-read form
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

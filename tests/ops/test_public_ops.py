@@ -61,6 +61,9 @@ CASES = {
     "coefficients_static": (lambda b: mhc.coefficients(None, None, None, b, N, ITERS, "mhc")[:3],
                             lambda b: paper.static_coefficients(b, N, ITERS), lambda: _coefficient_inputs()[3:],
                             ("coefficients", "coefficient_grads")),
+    "coefficients_static_hc": (lambda b: mhc.coefficients(None, None, None, b, N, ITERS, "hc")[:3],  # H = b
+                               lambda b: (b[:N], b[N:2 * N], b[2 * N:].unflatten(-1, (N, N))),
+                               lambda: _coefficient_inputs()[3:], ("coefficients", "coefficient_grads")),
     "coefficients_permutations": (lambda *a: mhc.coefficients_permutations(*a, N), _paper_permutations,
                                   lambda: _coefficient_inputs(m=2 * N + 24), ("coefficients", "coefficient_grads")),
     "fused_pre_mix": (lambda *a: mhc.fused_pre_mix(*a, N, ITERS, "mhc"), _fused_pre_reference,
@@ -182,3 +185,27 @@ def test_float64_streams_with_float32_parameters_compute_in_float64(constraint):
     else:
         direct = mhc.coefficients_permutations_backward(*ones, X, *params, N)
     assert [g.dtype for g in direct] == dtypes
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_static_coefficients_of_a_bf16_bias_compute_in_float32(mode):
+    """A bf16 model's static site: the bias is bf16, the coefficients are computed and returned in float32."""
+    bias = _coefficient_inputs()[3].bfloat16()
+    got = mhc.coefficients(None, None, None, bias, N, ITERS, mode)[:3]
+    b = bias.double()
+    want = (paper.static_coefficients(b, N, ITERS) if mode == "mhc"
+            else (b[:N], b[N:2 * N], b[2 * N:].unflatten(-1, (N, N))))
+    for out, ref in zip(got, want):
+        assert out.dtype == torch.float32
+        assert_close(out, ref, "coefficients", torch.float32)
+
+
+@pytest.mark.parametrize("name", ["pre_mix", "post_res_mix", "post_res_mix_static"])
+def test_mixing_ops_take_coefficients_in_another_dtype_than_the_streams(name):
+    """Coefficients in bf16 (a user's own, or a bf16 static site's) mix float32 streams in float32."""
+    op, reference, make_inputs, _ = CASES[name]
+    inputs = make_inputs()
+    inputs = [t if t.shape[-1] == C else t.bfloat16() for t in inputs]  # the coefficients, not streams or branch
+    got = op(*inputs)
+    assert got.dtype == torch.float32
+    assert_close(got, reference(*(t.double() for t in inputs)), "streams", torch.float32)
