@@ -227,9 +227,10 @@ def _fused_pre_mix_bwd(
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=xmask)
 
 
-# The projection tile is [NP·BLOCK_C, MP] float32 and sits in shared memory for tl.dot: at n=4 (NP·BLOCK_C·MP = 4·64·32)
-# the forward takes 80 KB and the backward 112 KB, within a Hopper block's 227 KB. Larger n shrinks BLOCK_C to keep that
-# product (n=8 at BLOCK_C=64 would need 557 KB / 819 KB and fail to launch).
+# The projection tile is [NP·BLOCK_C, MP] float32 and sits in shared memory for tl.dot. The cap is the tile of n=4 at
+# BLOCK_C=64 (4·64·32 elements: 80 KB forward, 112 KB backward at BLOCK_T=16, within a Hopper block's 227 KB); larger n
+# shrinks BLOCK_C to stay under it (n=8 at BLOCK_C=64 needed 557 KB / 819 KB and could not launch). Compiled sizes of
+# every variant: tests/kernels/compile_for_gpu.py.
 TILE_ELEMENTS = 4 * 64 * 32
 
 
