@@ -29,7 +29,13 @@ def pre_weights(n: int, favoured: int) -> torch.Tensor:
 
 
 def initial_bias(config: MHCConfig, site_index: int) -> torch.Tensor:
-    """The bias ``[pre (n) | post (n) | res (n², row-major; n! under constraint="permutations")]``, float64."""
+    """The bias ``[pre (n) | post (n) | res (n², row-major; n! under constraint="permutations")]``, float64, on the
+    CPU whatever the default device (under ``torch.device("meta")`` it would hold no values to copy)."""
+    with torch.device("cpu"):
+        return _initial_bias(config, site_index)
+
+
+def _initial_bias(config: MHCConfig, site_index: int) -> torch.Tensor:
     n = config.n
     pre, post = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     res = torch.zeros(n, n, dtype=torch.float64)

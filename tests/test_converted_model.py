@@ -316,6 +316,24 @@ def test_meta_device_to_empty_and_reset_parameters():
     assert_close(h_pre.sum(), torch.tensor(1.0), "few_roundings")
 
 
+def test_converting_a_cpu_model_while_the_default_device_is_meta():
+    """The identity-init bias is computed on the CPU whatever the default device: under a meta default it used to
+    hold no values to copy into the CPU parameters (NotImplementedError at convert)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(0, 32, (2, 8))
+    with torch.device("meta"):
+        converted = mhc_rewrite.convert(model, example_inputs=(idx,))
+    assert all(p.device.type == "cpu" for p in converted.parameters())
+    for train in (True, False):
+        model.train(train), converted.train(train)
+        want, got = model(idx), converted(idx)
+        assert_close(got, want, "function_at_init", msg=f"train={train}")
+    F.cross_entropy(got.flatten(0, 1), idx.flatten()).backward()
+    site_biases = [p for name, p in converted.named_parameters() if name.startswith("mhc.") and name.endswith(".bias")]
+    assert len(site_biases) == 4 and all(p.grad is not None for p in site_biases)  # 2 layers x (attention, MLP)
+
+
 def test_example_inputs_the_model_cannot_run_carry_its_own_message():
     model = GPT(GPTConfig(block_size=8)).eval()
     for bad in (torch.rand(2, 8), torch.randint(0, 64, (2, 12))):  # float ids; longer than the position table
