@@ -48,10 +48,11 @@ def identity_logit(n: int, diagonal: float) -> float:
     equal, as after Sinkhorn of ``c'·I``, so both constraints can start from the same ``H_res``.
     """
     total, fixing = math.factorial(n), math.factorial(n - 1)
-    e = (diagonal * (total - 1) - (fixing - 1)) / (1.0 - diagonal)
-    if e <= 0:
-        raise ValueError(f"a diagonal of {diagonal} is below what uniform weights give ({fixing / total})")
-    return math.log(e)
+    lowest = (fixing - 1) / (total - 1)  # the identity's weight at zero (c -> -inf)
+    if not lowest < diagonal < 1:
+        raise ValueError(f"no logit on the identity gives a diagonal of {diagonal}: at n={n} it must lie strictly "
+                         f"between {lowest} (the identity's weight at zero) and 1 (all weight on the identity)")
+    return math.log((diagonal * (total - 1) - (fixing - 1)) / (1.0 - diagonal))
 
 
 def _gain(alpha: torch.Tensor, n: int) -> torch.Tensor:
