@@ -5,23 +5,18 @@
 """
 
 import torch
-import triton.testing
+from mhc_bench import kernel_inputs, timed
 
 from mhc_rewrite.kernels.fused_pre import fused_pre_mix_bwd, fused_pre_mix_fwd
 
 
 def ms(fn):
-    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
+    return 1e3 * timed(fn, torch.device("cuda"))
 
 
 def main():
     T, n, C = 16384, 4, 4096
-    m = n * n + 2 * n
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(T, n, C, generator=g).to("cuda", torch.bfloat16)
-    phi = (torch.randn(n * C, m, generator=g) / (n * C) ** 0.5).cuda()
-    alpha, bias = (0.3 * torch.randn(3, generator=g)).cuda(), torch.randn(m, generator=g).cuda()
-    d_y = torch.randn(T, C, generator=g).to("cuda", torch.bfloat16)
+    X, d_y, phi, alpha, bias = kernel_inputs(T, n, C, torch.bfloat16, "cuda")  # the branch's shape serves as d_y
     d_post, d_res = torch.randn(T, n, device="cuda"), torch.randn(T, n, n, device="cuda")
     h_pre = fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc")[1]
     print(f"{'BLOCK_T':>8}{'BLOCK_C':>8}{'fwd ms':>10}{'bwd ms':>10}")
@@ -35,7 +30,7 @@ def main():
             except Exception as exc:  # too large for shared memory or registers
                 print(f"{block_t:>8}{block_c:>8}  failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
     x32 = X.reshape(T, n * C)
-    du = torch.randn(T, m, device="cuda")
+    du = torch.randn(T, n * n + 2 * n, device="cuda")
     print(f"d_phi = vec(X)^T @ du alone (float copy + matmul): {ms(lambda: x32.float().T @ du):.3f} ms")
 
 

@@ -65,8 +65,8 @@ def liger_ops():
     return (liger_mhc_coeffs, liger_mhc_pre, liger_mhc_post_res), None
 
 
-def kernel_section(args, device, dtype):
-    T, n, C, iters = args.tokens, args.n, args.channels, 20
+def kernel_inputs(T, n, C, dtype, device):
+    """``(X [T, n, C], f [T, C], phi, alpha, bias)``: streams and branch in ``dtype``, the parameters in float32."""
     m = n * n + 2 * n
     g = torch.Generator(device="cpu").manual_seed(0)
     X = torch.randn(T, n, C, generator=g).to(device=device, dtype=dtype)
@@ -74,6 +74,12 @@ def kernel_section(args, device, dtype):
     phi = (torch.randn(n * C, m, generator=g) / (n * C) ** 0.5).to(device)
     alpha = (0.3 * torch.randn(3, generator=g)).to(device)
     bias = torch.randn(m, generator=g).to(device)
+    return X, f, phi, alpha, bias
+
+
+def kernel_section(args, device, dtype):
+    T, n, C, iters = args.tokens, args.n, args.channels, 20
+    X, f, phi, alpha, bias = kernel_inputs(T, n, C, dtype, device)
     es = X.element_size()
     out = {"shape": {"tokens": T, "n": n, "C": C, "dtype": str(dtype)}}
 
