@@ -100,12 +100,8 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
 }
 
 
-def _gradcheck_options() -> dict:
-    return {"atol": TOLERANCES["gradcheck", torch.float64].limit, "rtol": 0.0}
-
-
 # torch.autograd.gradcheck(fn, inputs, **GRADCHECK): the table's limit instead of gradcheck's defaults (1e-5, 1e-3)
-GRADCHECK = _gradcheck_options()
+GRADCHECK = {"atol": TOLERANCES["gradcheck", torch.float64].limit, "rtol": 0.0}
 
 
 def tolerance(kind: str, dtype: torch.dtype | None = None) -> float:

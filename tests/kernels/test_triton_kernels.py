@@ -113,7 +113,7 @@ def test_identity_init_is_exact_through_the_kernels():
     x = torch.randn(6, C)
     streams = x.unsqueeze(-2).expand(6, n, C).contiguous()
     y, h_pre, h_post, h_res = on_device(fused_pre_mix_fwd, streams, params.phi.detach(), params.alpha.detach(),
-                                                params.bias.detach(), None, n, 20, "mhc")
+                                        params.bias.detach(), None, n, 20, "mhc")
     assert_close(y, x, "few_roundings")
     assert_close(h_res.sum(-1), torch.ones(6, n), "few_roundings")
     f = torch.randn(6, C)
