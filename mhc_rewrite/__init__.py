@@ -13,10 +13,11 @@ from .errors import MHCRewriteError, TraceError
 from .inspect import explain, stream_diagnostics
 from .passes.sites import SiteInfo
 from .recompute import recompute_streams
-from .region import converted_graph
+from .region import converted_graph, lower
 from .saving import from_pretrained
 from .site_params import MHCSiteParams
 
 __all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "compile", "convert",
-           "converted_graph", "explain", "find_residuals", "from_pretrained", "recompute_streams", "stream_diagnostics"]
+           "converted_graph", "explain", "find_residuals", "from_pretrained", "lower", "recompute_streams",
+           "stream_diagnostics"]
 __version__ = "0.1.0"

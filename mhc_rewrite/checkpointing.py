@@ -25,17 +25,9 @@ from torch import fx, nn
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 from torch.utils.checkpoint import checkpoint
 
+from .paths import common_path
+
 log = logging.getLogger(__name__)
-
-
-def _common_path(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
 
 
 class CheckpointRecorder:
@@ -74,7 +66,7 @@ class CheckpointRecorder:
         for paths in self.groups.values():
             if not paths:
                 continue
-            unit = _common_path(paths)
+            unit = common_path(paths)
             if unit:
                 units.append(unit)
             else:

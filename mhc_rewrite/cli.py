@@ -14,13 +14,14 @@ import importlib.util
 import os
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import convert
-from .config import add_config_arguments, config_from_args
+from .config import MHCConfig, option_names
 from .convert import trace_unconverted
 from .inspect import explain, stream_diagnostics
 from .trace import split_example_inputs
@@ -28,6 +29,26 @@ from .trace import split_example_inputs
 
 class CLIError(Exception):
     """A problem with what was asked on the command line; printed without a traceback."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one command-line flag per option of :class:`MHCConfig` (``--sinkhorn-iters``, ``--static``, ...)."""
+    for f in fields(MHCConfig):
+        meta = f.metadata
+        if isinstance(f.default, bool):
+            flag = meta.get("flag", "--no-" + f.name.replace("_", "-") if f.default else "--" + f.name)
+            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
+                                help=meta.get("flag_help", meta["help"]))
+            continue
+        bounds = f", {meta['low']} to {meta['high']}" if "high" in meta else ""
+        parser.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, type=type(f.default),
+                            default=f.default, choices=meta.get("choices"),
+                            help=f"{meta['help']} (default {f.default}{bounds})")
+
+
+def config_from_args(args: argparse.Namespace) -> MHCConfig:
+    """The :class:`MHCConfig` of parsed command-line flags (see :func:`add_config_arguments`)."""
+    return MHCConfig(**{name: getattr(args, name) for name in option_names()})
 
 
 def load_factory(spec: str):

@@ -2,13 +2,12 @@
 
 Each option is a dataclass field whose ``metadata`` says what it means (``help``), what it allows (``choices``, or
 ``low``/``high`` bounds with the reason for the bound) and how the command line spells it (``flag``). Validation,
-``to_dict``/``from_dict`` and the command-line flags (:func:`add_config_arguments`) are all read off the fields,
+``to_dict``/``from_dict`` and the command-line flags (``cli.add_config_arguments``) are all read off the fields,
 so a new option is one new field. ``filter_fn`` is not an option: it is code, passed to ``convert`` beside the config.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import math
 from dataclasses import dataclass, field, fields
@@ -171,23 +170,3 @@ def resolve_config(n: Optional[int] = None, config: Optional[MHCConfig] = None, 
     if n is not None or options:
         raise TypeError("pass either config=MHCConfig(...) or n=/keyword options, not both")
     return config
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one command-line flag per option of :class:`MHCConfig` (``--sinkhorn-iters``, ``--static``, ...)."""
-    for f in fields(MHCConfig):
-        meta = f.metadata
-        if isinstance(f.default, bool):
-            flag = meta.get("flag", "--no-" + f.name.replace("_", "-") if f.default else "--" + f.name)
-            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                                help=meta.get("flag_help", meta["help"]))
-            continue
-        bounds = f", {meta['low']} to {meta['high']}" if "high" in meta else ""
-        parser.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), dest=f.name, type=type(f.default),
-                            default=f.default, choices=meta.get("choices"),
-                            help=f"{meta['help']} (default {f.default}{bounds})")
-
-
-def config_from_args(args: argparse.Namespace) -> MHCConfig:
-    """The :class:`MHCConfig` of parsed command-line flags (see :func:`add_config_arguments`)."""
-    return MHCConfig(**{name: getattr(args, name) for name in option_names()})

@@ -1,59 +1,43 @@
-"""The public entry points: ``convert`` (rewrite a model's residuals into mHC) and ``find_residuals``.
+"""The front door: ``convert`` (rewrite a model's residuals into mHC) and ``find_residuals``.
 
-``convert(model)`` returns the user's model, converted: a shallow copy of the same class whose *region* (the
-smallest module holding every rewritten residual chain) runs a graph traced and rewritten per specialisation
-(``mhc_rewrite/region.py``). ``convert(graph_module)`` rewrites a traced graph directly and returns a
-``GraphModule`` (what the ``mhc`` torch.compile backend does with Dynamo's graphs).
+Everything here runs once, at conversion: trace the whole model, find and group its residual sites
+(``pipeline.run_analysis``), pick the region (the deepest module holding them), give each site its parameters, and
+install the converted region in a shallow copy of the model. What runs at every later call of the converted model
+is ``region.py`` (it re-traces the region per specialisation and rewrites it with ``pipeline.rewrite_call``).
+``convert(graph_module)`` rewrites a traced graph directly and returns a ``GraphModule`` (what the ``mhc``
+torch.compile backend does with Dynamo's graphs).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
-from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 import torch
 from torch import fx, nn
 
-from mhc_rewrite.passes import FindResidualSites, GroupChains, RewriteMHC
-from mhc_rewrite.passes.rewrite_mhc import param_key, param_keys
-from mhc_rewrite.passes.sites import ResidualSite, SiteInfo
-
-from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig, resolve_config
 from .errors import MHCRewriteError
-from .pipeline import lower, run_analysis, run_passes, run_pipeline
-from .region import RegionState, converted_class, find_region, original_module, shallow_clone
-from .saving import example_input_spec
+from .passes.nodes import module_paths
+from .passes.rewrite_mhc import param_key, param_keys
+from .passes.sites import ResidualSite, SiteInfo
+from .paths import common_prefix, relative
+from .pipeline import learned_collapses, run_analysis, run_pipeline
+from .record import conversion_record
+from .region import find_region, install, region_state, shallow_clone
 from .site_params import MHCSiteParams
-from .trace import split_example_inputs, trace, trace_call
+from .trace import split_example_inputs, trace, without_cache
 
 log = logging.getLogger(__name__)
-
-
-def _without_cache(model: nn.Module, example_inputs: Any) -> Any:
-    """Example inputs for the analysis trace: ``use_cache=False`` where the forward takes it and it is not given
-    (a model as loaded returns a key-value cache, which torch.export cannot carry)."""
-    if "use_cache" not in inspect.signature(model.forward).parameters:
-        return example_inputs
-    args, kwargs = split_example_inputs(example_inputs)
-    if args or "use_cache" in kwargs:
-        names = list(inspect.signature(model.forward).parameters)
-        if "use_cache" in kwargs or names.index("use_cache") < len(args):
-            return example_inputs
-        kwargs = dict(zip(names, args))
-    return {**kwargs, "use_cache": False}
 
 
 def trace_unconverted(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """The whole-model trace the analysis reads (key-value caches off: they cannot cross a trace)."""
     if not isinstance(model, fx.GraphModule) and example_inputs is not None:
-        example_inputs = _without_cache(model, example_inputs)
+        args, kwargs = without_cache(model.forward, *split_example_inputs(example_inputs), keywords=True)
+        example_inputs = kwargs or args
     return trace(model, example_inputs)
-
-
 
 
 def _check_runs(model: nn.Module, example_inputs: Any) -> None:
@@ -94,33 +78,15 @@ def _refuse_converted(model: nn.Module) -> None:
         raise MHCRewriteError("this model is already converted (it holds mHC sites); convert the original instead")
 
 
-def _scope(node: fx.Node) -> list[str]:
-    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-
-
 def _region_path(sites: list[ResidualSite]) -> str:
     """The deepest module whose forward holds every node the rewrite touches: each chain's head stream, the
     residual adds, and the nodes that read a chain's output outside the chain (where the streams are reduced)."""
     outputs = {site.output for site in sites}
     nodes = [node for site in sites for node in (site.stream, *site.add_nodes)]
     nodes += [user for site in sites for user in site.output.users if user not in outputs]
-    common: Optional[list[str]] = None
-    for node in nodes:
-        scope = _scope(node) if node.op not in ("placeholder", "output") else []
-        if common is None:
-            common = scope
-        else:
-            i = 0
-            while i < min(len(common), len(scope)) and common[i] == scope[i]:
-                i += 1
-            common = common[:i]
+    scopes = [module_paths(node, called=False) if node.op not in ("placeholder", "output") else [] for node in nodes]
+    common = common_prefix(scopes)
     return common[-1] if common else ""
-
-
-def _relative(path: str, region: str) -> str:
-    if not region:
-        return path
-    return "" if path == region else path[len(region) + 1:]
 
 
 def _graph_convert(model: fx.GraphModule, example_inputs: Any, config: MHCConfig, filter_fn) -> nn.Module:
@@ -136,17 +102,6 @@ def _graph_convert(model: fx.GraphModule, example_inputs: Any, config: MHCConfig
     return gm
 
 
-def _register_collapses(traced: fx.GraphModule, analysis, config: MHCConfig, region: nn.Module, path: str) -> None:
-    """Create the learned collapses' parameters now (an optimizer made after ``convert`` must see them): rewrite
-    the analysis trace once and keep, under their keys inside the region, the collapses it made."""
-    run_passes([RewriteMHC(config, analysis)], traced)
-    for site in analysis.to_rewrite:
-        absolute = param_key(f"{site.module_path}.collapse", 0)
-        relative = param_key(f"{_relative(site.module_path, path)}.collapse", 0)
-        if absolute in traced.mhc:
-            region.mhc[relative] = traced.mhc[absolute]
-
-
 def _warn_nothing(model: nn.Module, sites: list[ResidualSite]) -> None:
     reasons = "; ".join(sorted({f"{s.module_path or '<root>'}: {s.skip_reason}" for s in sites}))
     warnings.warn(
@@ -155,63 +110,6 @@ def _warn_nothing(model: nn.Module, sites: list[ResidualSite]) -> None:
         + "; returning the model unchanged",
         stacklevel=3,
     )
-
-
-def _same(tensor):
-    return tensor
-
-
-@contextmanager
-def _no_autocast():
-    with torch.autocast("cpu", enabled=False):
-        if torch.cuda.is_available():
-            with torch.autocast("cuda", enabled=False):
-                yield
-        else:
-            yield
-
-
-def build_specialisation(region: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
-    """Trace the region's original forward for this call and rewrite it with the region's mHC parameters."""
-    state: RegionState = region.__dict__["_mhc_state"]
-    # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
-    # the caller's autocast applies when the graph runs, not while it is traced.
-    with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), _no_autocast(), \
-            record_checkpoints(region) as recorder:
-        gm = trace_call(region, args, kwargs, recorder=recorder)
-    tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
-    units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call
-    gm.mhc = region.mhc  # reuse, never create: the rewrite finds every site's parameters here
-    find = FindResidualSites()
-    run_passes([find], gm)
-    for site, key in param_keys(find.analysis.sites).items():
-        site.rewrite = key in region.mhc
-        if not site.rewrite and site.has_params and not site.skip_reason:
-            raise MHCRewriteError(
-                f"this call of the converted {type(region).__name__} (train={region.training}) runs a residual at "
-                f"{site.module_path or 'its root'} that was not there when the model was converted; convert the "
-                "model in the mode and with the inputs it is trained with"
-            )
-        site.skip_reason = site.skip_reason or ("" if site.rewrite else "not rewritten at conversion")
-    run_passes([GroupChains(find.analysis), RewriteMHC(state.config, find.analysis)], gm)
-    if state.lowered:
-        lower(gm)
-    gm.mhc_sites, gm.mhc_skipped, gm.mhc_config = state.sites, state.skipped, state.config  # as the model's
-    if units:  # checkpointed layers stay checkpointed, their mHC ops with them
-        gm = checkpoint_units(gm, units)
-    if state.path:  # module paths as in the whole model, for the inspect views
-        for node in gm.graph.nodes:
-            stack = node.meta.get("nn_module_stack")
-            if stack:
-                node.meta["nn_module_stack"] = {k: (_absolute(p, state.path), t) for k, (p, t) in stack.items()}
-            if "mhc" in node.meta:
-                node.meta["mhc"] = {**node.meta["mhc"], "module_path": _absolute(node.meta["mhc"]["module_path"],
-                                                                                   state.path)}
-    return gm
-
-
-def _absolute(path: str, region: str) -> str:
-    return f"{region}.{path}" if path else region
 
 
 def convert(
@@ -265,43 +163,44 @@ def convert(
         _check_runs(model, example_inputs)
     traced = trace_unconverted(model, example_inputs)
     analysis = run_analysis(traced, filter_fn)
-    sites = analysis.sites
-    rewritten = [site for site in sites if site.rewrite]
-    if not rewritten:
-        _warn_nothing(model, sites)
+    if not analysis.to_rewrite:
+        _warn_nothing(model, analysis.sites)
         return model
-    for site in rewritten:
-        if site.channels is None:
-            raise MHCRewriteError(
-                f"cannot tell the width of the residual stream at {site.module_path or 'the model root'}: "
-                "pass example_inputs to convert() so that shapes can be propagated"
-            )
-    path = _region_path(rewritten)
+    path = _region_path(analysis.to_rewrite)
     root, region = shallow_clone(model, path)
-    region.__class__ = converted_class(type(region))
-    region.__dict__["_mhc_state"] = RegionState(config, path)
-    region.mhc = nn.ModuleDict()
+    install(region, config, path)
+    _add_site_params(region, analysis.sites, config, path, next(model.parameters(), torch.empty(0)).device)
+    if config.collapse == "learned":  # made now, so that an optimizer created after convert() sees them
+        for site, collapse in learned_collapses(traced, analysis, config).items():
+            region.mhc[param_key(f"{relative(site.module_path, path)}.collapse", 0)] = collapse
+    _describe(root, model, analysis.sites, config, path, example_inputs)
+    log.info("rewrote %d residual site(s) in %d chain(s) inside %s", len(root.mhc_sites),
+             len({s.chain for s in analysis.to_rewrite}), path or "the model root")
+    return root
+
+
+def _add_site_params(region: nn.Module, sites: list[ResidualSite], config: MHCConfig, path: str, device) -> None:
+    """Give every site to rewrite its parameters, ``region.mhc[<key>]``, keyed by its module path inside the region
+    (reuses of one path counted over every site inside, rewritten or not, as ``pipeline.rewrite_call`` counts)."""
     inside = [s for s in sites if not path or s.module_path == path or s.module_path.startswith(path + ".")]
-    keys = param_keys(inside, lambda s: _relative(s.module_path, path))
-    device = next(model.parameters(), torch.empty(0)).device
-    for site in rewritten:
+    keys = param_keys(inside, lambda s: relative(s.module_path, path))
+    for site in (s for s in sites if s.rewrite):
         key = keys[site]
-        region.mhc[key] = MHCSiteParams(config, site.channels, site.index, _relative(site.module_path, path), device)
+        region.mhc[key] = MHCSiteParams(config, site.width(), site.index, relative(site.module_path, path), device)
         site.param_name = f"{path + '.' if path else ''}mhc.{key}"
-    root.mhc_sites = [site.info() for site in rewritten]
-    if config.collapse == "learned":
-        _register_collapses(traced, analysis, config, region, path)
+
+
+def _describe(root: nn.Module, model: nn.Module, sites: list[ResidualSite], config: MHCConfig, path: str,
+              example_inputs: Any) -> None:
+    """What the converted model says of itself: its sites, options and, for Hugging Face models, the saved record."""
+    root.mhc_sites = [site.info() for site in sites if site.rewrite]
     root.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     root.mhc_config = config
-    region.__dict__["_mhc_state"].sites, region.__dict__["_mhc_state"].skipped = root.mhc_sites, root.mhc_skipped
     root.mhc_model_name = type(model).__name__
+    state = region_state(root)
+    state.sites, state.skipped = root.mhc_sites, root.mhc_skipped
     if getattr(root, "generation_config", None) is not None:
         root.generation_config.use_cache = False  # a converted region runs without a key-value cache
     if getattr(root, "config", None) is not None and hasattr(root.config, "to_dict"):
         # written by save_pretrained, read back (and validated) by mhc_rewrite.from_pretrained
-        root.config.mhc_rewrite = {**config.to_dict(), "region": path,
-                                   "example_inputs": example_input_spec(example_inputs)}
-    log.info("rewrote %d residual site(s) in %d chain(s) inside %s", len(rewritten),
-             len({s.chain for s in rewritten}), path or "the model root")
-    return root
-
+        root.config.mhc_rewrite = conversion_record(config, path, example_inputs)

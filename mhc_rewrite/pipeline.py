@@ -1,4 +1,11 @@
-"""The graph pipeline, in one place: find -> group -> rewrite (-> lower, in the ``mhc`` backend).
+"""The graph pipeline, in one place: every composition of the passes (find -> group -> rewrite -> lower).
+
+- :func:`run_analysis`: find and group, the graph unchanged (``find_residuals``, ``convert``'s analysis);
+- :func:`run_pipeline`: find, group, rewrite with new parameters (a ``GraphModule`` given to ``convert``);
+- :func:`learned_collapses`: the rewrite of the analysis trace, for the learned collapses it creates;
+- :func:`rewrite_call`: find, mark the sites by the parameters they already have, group, rewrite (and lower): the
+  graph of one call of a converted model (``region.py`` traces it);
+- :func:`lower`: reference ops -> fused ops (the ``mhc`` backend, ``mhc_rewrite.lower``).
 
 The passes run under ``torch.fx``'s ``PassManager`` with the graph checked (``graph.lint()``) after each pass. A pass
 run out of order refuses in its ``requires`` check with a ``PassOrderError`` naming it and the pass it needs; any
@@ -9,12 +16,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from .config import MHCConfig
 from .errors import MHCRewriteError
 from .passes import FindResidualSites, GroupChains, LowerFused, RewriteMHC, SiteAnalysis
+from .passes.rewrite_mhc import param_key, param_keys
 from .passes.sites import ResidualSite
 
 FilterFn = Callable[[ResidualSite], bool]
@@ -75,6 +83,47 @@ def run_pipeline(gm: fx.GraphModule, config: MHCConfig,
     find = FindResidualSites(filter_fn)
     run_passes([find, GroupChains(find.analysis), RewriteMHC(config, find.analysis)], gm)
     return gm, find.analysis
+
+
+def learned_collapses(gm: fx.GraphModule, analysis: SiteAnalysis, config: MHCConfig) -> dict[ResidualSite, nn.Module]:
+    """Rewrite ``gm`` (the analysis trace of :func:`run_analysis`) and return the learned collapses it created, by
+    the site whose chain each reduces (``config.collapse == "learned"``)."""
+    run_passes([RewriteMHC(config, analysis)], gm)
+    keys = {site: param_key(f"{site.module_path}.collapse", 0) for site in analysis.to_rewrite}
+    return {site: gm.mhc[key] for site, key in keys.items() if key in gm.mhc}
+
+
+def rewrite_call(gm: fx.GraphModule, params: nn.ModuleDict, config: MHCConfig, caller: str,
+                 lowered: bool = False) -> fx.GraphModule:
+    """Rewrite a new trace of a converted module with the parameters it already has: a site is rewritten exactly
+    when ``params`` holds its key (nothing is created).
+
+    Args:
+        gm: the trace of one call of the converted module (its original forward); modified in place.
+        params: the module's mHC parameters (``<region>.mhc``), by site key.
+        config: the conversion options.
+        caller: who made the call, for the error below (``"the converted LlamaModel (train=True)"``).
+        lowered: also lower the reference ops to the fused ones.
+    Returns:
+        ``gm``.
+    Raises:
+        MHCRewriteError: the trace runs a parameterised residual that was not there at conversion.
+    """
+    gm.mhc = params
+    find = FindResidualSites()
+    run_passes([find], gm)
+    for site, key in param_keys(find.analysis.sites).items():
+        site.rewrite = key in params
+        if not site.rewrite and site.has_params and not site.skip_reason:
+            raise MHCRewriteError(
+                f"this call of {caller} runs a residual at {site.module_path or 'its root'} that was not there when "
+                "the model was converted; convert the model in the mode and with the inputs it is trained with"
+            )
+        site.skip_reason = site.skip_reason or ("" if site.rewrite else "not rewritten at conversion")
+    run_passes([GroupChains(find.analysis), RewriteMHC(config, find.analysis)], gm)
+    if lowered:
+        lower(gm)
+    return gm
 
 
 def lower(gm: fx.GraphModule) -> bool:

@@ -1,5 +1,9 @@
 """The converted region: the part of the user's model whose residuals became mHC, re-traced per specialisation.
 
+This module is the runtime of a converted model: ``convert`` installs a region once (:func:`install`); everything
+else here runs at the model's calls (find the graph of the call, or trace the region with ``trace.trace_call`` and
+rewrite it with ``pipeline.rewrite_call``).
+
 ``convert(model)`` returns a shallow copy of the user's model (same class, parameters shared) in which the
 smallest module holding every rewritten residual chain, the *region* (``model.model`` for a Hugging Face causal
 LM, the model itself for a plain PyTorch model), becomes an instance of a subclass of its own class (the way
@@ -26,18 +30,21 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional
+from typing import Hashable, Optional
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx.passes.infra.pass_base import PassResult
 
+from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
 from .errors import MHCRewriteError
+from .paths import absolute
+from .pipeline import lower as lower_graph
+from .pipeline import rewrite_call
 from .specialisation import call_key, sizes_match, static_sizes
-from .trace import flatten_inputs
+from .trace import flatten_inputs, trace_call, without_cache
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class RegionState:
     traces: int = 0
     trace_seconds: float = 0.0
     last: Optional[fx.GraphModule] = None  # the graph of the latest call, for the inspect views
-    lowered: bool = False  # fused Triton ops instead of the reference ops (passes/lower_fused.py)
+    lowered: bool = False  # fused Triton ops instead of the reference ops (lower(), passes/lower_fused.py)
     sites: list = field(default_factory=list)  # the converted model's SiteInfo records, rewritten then skipped
     skipped: list = field(default_factory=list)
 
@@ -62,6 +69,7 @@ class RegionState:
         return state
 
 
+_STATE = "_mhc_state"  # the key of a region's RegionState in its __dict__ (outside nn.Module's registries)
 _CLASSES: dict[type, type] = {}
 
 
@@ -101,10 +109,7 @@ def original_module(region: "ConvertedRegion"):
 
 def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Run without a key-value cache: ``use_cache=False`` where the forward takes it; empty caches dropped."""
-    kwargs = dict(kwargs)
-    params = inspect.signature(region_base(type(region)).forward).parameters
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
+    args, kwargs = without_cache(region_base(type(region)).forward, args, kwargs)
     for name, value in list(kwargs.items()):
         if value is not None and hasattr(value, "get_seq_length"):  # a transformers Cache
             if value.get_seq_length() != 0:
@@ -128,7 +133,7 @@ class ConvertedRegion(nn.Module):
         return gm(*args, **kwargs)
 
     def _mhc_graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
-        state: RegionState = self.__dict__["_mhc_state"]
+        state = region_state(self)
         key = call_key(self, args, kwargs)
         # `in` and `[]`, not dict.get: Dynamo of torch 2.11 cannot trace dict.get here, breaks the graph and recompiles
         # the rest at every step (seen on a GPU machine whose torch was 2.11)
@@ -139,17 +144,57 @@ class ConvertedRegion(nn.Module):
         return _build(self, args, kwargs)  # under torch.compile: a graph break, then the new graph is traced
 
     def _apply(self, fn, recurse=True):
-        self.__dict__["_mhc_state"].graphs.clear()  # .to()/.half()/to_empty() may replace tensors a graph holds
+        region_state(self).graphs.clear()  # .to()/.half()/to_empty() may replace tensors a graph holds
         return super()._apply(fn, recurse)
 
     def __reduce_ex__(self, protocol):
         state = dict(self.__dict__)
-        state["_mhc_state"] = copy.copy(state["_mhc_state"])
-        state["_mhc_state"].graphs, state["_mhc_state"].last = {}, None
+        state[_STATE] = copy.copy(state[_STATE])
+        state[_STATE].graphs, state[_STATE].last = {}, None
         return _new_region, (region_base(type(self)),), state
 
     def __setstate__(self, state):
         nn.Module.__setstate__(self, state)
+
+
+def _same(tensor):
+    return tensor
+
+
+@contextmanager
+def _no_autocast():
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
+def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Trace the region's original forward for this call and rewrite it with the region's mHC parameters."""
+    state = region_state(region)
+    # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
+    # the caller's autocast applies when the graph runs, not while it is traced.
+    with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), _no_autocast(), \
+            record_checkpoints(region) as recorder:
+        gm = trace_call(region, args, kwargs, recorder=recorder)
+    tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
+    units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call
+    caller = f"the converted {type(region).__name__} (train={region.training})"
+    gm = rewrite_call(gm, region.mhc, state.config, caller, lowered=state.lowered)
+    gm.mhc_sites, gm.mhc_skipped, gm.mhc_config = state.sites, state.skipped, state.config  # as the model's
+    if units:  # checkpointed layers stay checkpointed, their mHC ops with them
+        gm = checkpoint_units(gm, units)
+    if state.path:  # module paths as in the whole model, for the inspect views
+        for node in gm.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = {k: (absolute(p, state.path), t) for k, (p, t) in stack.items()}
+            if "mhc" in node.meta:
+                node.meta["mhc"] = {**node.meta["mhc"],
+                                    "module_path": absolute(node.meta["mhc"]["module_path"], state.path)}
+    return gm
 
 
 @torch._dynamo.disable
@@ -158,16 +203,14 @@ def _build(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModu
 
     Runs eagerly even under ``torch.compile``: a trace needs the real call (a graph break, once per
     specialisation; run the model once in each mode before compiling with ``fullgraph=True``)."""
-    from .convert import build_specialisation  # convert imports this module
-
-    state: RegionState = region.__dict__["_mhc_state"]
+    state = region_state(region)
     start = time.perf_counter()
     if any(isinstance(leaf, FakeTensor) for leaf in pytree.tree_leaves((args, kwargs))):
         raise MHCRewriteError(
             f"the converted {type(region).__name__} is being traced (torch.export?) for a call it has no graph for "
             f"(train={region.training}); run the converted model once on real inputs of this kind first"
         )
-    gm = build_specialisation(region, args, kwargs)
+    gm = _specialise(region, args, kwargs)
     seconds = time.perf_counter() - start
     state.traces, state.trace_seconds = state.traces + 1, state.trace_seconds + seconds
     log.info("traced %s for a new specialisation (%d so far, %.2f s)", type(region).__name__, state.traces, seconds)
@@ -227,7 +270,7 @@ def converted_graph(model: nn.Module, *args, **kwargs) -> fx.GraphModule:
     """
     if args or kwargs:
         return region_call(model, args, kwargs)[1]
-    last = region_of(model).__dict__["_mhc_state"].last
+    last = region_state(model).last
     if last is None:
         raise MHCRewriteError("this converted model has not run yet: pass example inputs to converted_graph()")
     return last
@@ -258,14 +301,35 @@ def shallow_clone(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
     return root, current
 
 
-def lower_region(model: nn.Module, lower: Callable) -> PassResult:
-    """Apply the graph pass ``lower`` to every graph of ``model``'s region, and to every later one."""
-    state: RegionState = region_of(model).__dict__["_mhc_state"]
+def install(region: nn.Module, config: MHCConfig, path: str) -> "ConvertedRegion":
+    """Make ``region`` (a module of a shallow copy, see :func:`shallow_clone`) a converted region, in place: its
+    class becomes the converted subclass of its own, it gets its state and an empty ``mhc`` child for the sites'
+    parameters."""
+    region.__class__ = converted_class(type(region))
+    region.__dict__[_STATE] = RegionState(config, path)
+    region.mhc = nn.ModuleDict()
+    return region
+
+
+def lower(model: nn.Module) -> nn.Module:
+    """Run a converted model on the fused Triton ops: every graph its region has traced, and every later one,
+    gets the ``lower_fused`` pass (reference mHC ops -> fused ``triton_op``s). On CPU tensors the fused ops compute
+    their reference, so the lowered model runs everywhere.
+
+    Args:
+        model: a model returned by :func:`mhc_rewrite.convert`; changed in place.
+    Returns:
+        ``model``.
+
+    Example:
+        >>> mhc_rewrite.lower(model)
+    """
+    state = region_state(model)
     state.lowered = True
     for entries in state.graphs.values():
         for _, gm in entries:
-            lower(gm)
-    return PassResult(model, True)
+            lower_graph(gm)
+    return model
 
 
 def find_region(model: nn.Module) -> Optional["ConvertedRegion"]:
@@ -277,3 +341,9 @@ def region_of(model: nn.Module) -> "ConvertedRegion":
     if region is None:
         raise MHCRewriteError(f"{type(model).__name__} is not a model returned by mhc_rewrite.convert")
     return region
+
+
+def region_state(model: nn.Module) -> RegionState:
+    """The state of the converted region of ``model`` (a converted model, or the region itself)."""
+    region = model if isinstance(model, ConvertedRegion) else region_of(model)
+    return region.__dict__[_STATE]

@@ -2,8 +2,8 @@
 
 A converted Hugging Face model saves with its own ``save_pretrained``: the weights file holds the mHC parameters
 beside the model's (``<region>.mhc.<site>.*``) and ``config.json`` holds the conversion options under
-``"mhc_rewrite"`` (plain data: ``n``, ``dynamic``, ``sinkhorn_iters``, ``mode``, ``init``, the region's module
-path and the shapes of the example inputs). :func:`from_pretrained` loads it back like ``PeftModel.from_pretrained``:
+``"mhc_rewrite"`` (plain data, ``mhc_rewrite/record.py``: the options, the region's module path and the shapes of
+the example inputs). :func:`from_pretrained` loads it back like ``PeftModel.from_pretrained``:
 the base model through its class's ``from_pretrained``, the options validated as user input, the conversion
 re-done, then the mHC tensors read with safetensors (never pickle).
 
@@ -13,67 +13,17 @@ with the same options, then ``load_state_dict`` (``torch.load(..., weights_only=
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import MHCConfig
+from .convert import convert
 from .errors import MHCRewriteError
-from .region import region_of
-
-_INPUT_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32, "bool": torch.bool}
-
-
-def example_input_spec(example_inputs: Any) -> Optional[dict]:
-    """Shapes and dtypes of tensor example inputs, as plain data (``None`` if they are not all plain tensors)."""
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    items = example_inputs.items() if isinstance(example_inputs, dict) else enumerate(example_inputs or ())
-    spec = {}
-    for name, value in items:
-        dtype = str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else None
-        if dtype not in _INPUT_DTYPES:
-            return None
-        spec[str(name)] = {"shape": list(value.shape), "dtype": dtype}
-    return {"keyword": isinstance(example_inputs, dict), "tensors": spec} if spec else None
-
-
-def _inputs_from_spec(spec: dict) -> Any:
-    """Zero tensors of the recorded shapes (a trace needs shapes, not values)."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("tensors"), dict):
-        raise MHCRewriteError(f"the saved example-input record is not valid: {spec!r}")
-    tensors = {}
-    for name, entry in spec["tensors"].items():
-        shape, dtype = entry.get("shape"), entry.get("dtype")
-        if dtype not in _INPUT_DTYPES or not isinstance(shape, list) or not all(
-                isinstance(s, int) and 0 < s <= 1 << 16 for s in shape):
-            raise MHCRewriteError(f"the saved example input {name!r} is not valid: {entry!r}")
-        tensors[name] = torch.zeros(shape, dtype=_INPUT_DTYPES[dtype])
-    return tensors if spec.get("keyword") else tuple(tensors[k] for k in sorted(tensors, key=int))
-
-
-def options_from_record(record: Any) -> tuple[dict, str]:
-    """The conversion options and region path of a saved ``"mhc_rewrite"`` record, validated as user input."""
-    if not isinstance(record, dict):
-        raise MHCRewriteError(f"the saved mhc_rewrite record must be a dict, got {type(record).__name__}")
-    names = {f.name for f in dataclasses.fields(MHCConfig)} - {"filter_fn"}
-    unknown = set(record) - names - {"region", "example_inputs"}
-    if unknown:
-        raise MHCRewriteError(f"the saved mhc_rewrite record has unknown keys {sorted(unknown)}; "
-                              f"valid keys: {sorted(names | {'region', 'example_inputs'})}")
-    options = {k: record[k] for k in names if k in record}
-    try:
-        MHCConfig(**options)
-    except (TypeError, ValueError) as exc:
-        raise MHCRewriteError(f"the saved mhc_rewrite options are not valid: {exc}") from exc
-    region = record.get("region", "")
-    if not isinstance(region, str):
-        raise MHCRewriteError(f"the saved region path must be a string, got {region!r}")
-    return options, region
+from .record import inputs_from_spec, options_from_record
+from .region import region_state
 
 
 def _read_mhc_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -106,8 +56,6 @@ def from_pretrained(model_or_class: Any, path: str | Path, example_inputs: Any =
     Example:
         >>> model = mhc_rewrite.from_pretrained(LlamaForCausalLM, "out/")
     """
-    from .convert import convert
-
     directory = Path(path)
     if isinstance(model_or_class, type):
         from transformers.utils import logging as hf_logging
@@ -132,9 +80,9 @@ def from_pretrained(model_or_class: Any, path: str | Path, example_inputs: Any =
     if example_inputs is None:
         if record.get("example_inputs") is None:
             raise MHCRewriteError("no example inputs were recorded: pass example_inputs= to from_pretrained")
-        example_inputs = _inputs_from_spec(record["example_inputs"])
+        example_inputs = inputs_from_spec(record["example_inputs"])
     converted = convert(base, example_inputs=example_inputs, **options)
-    found = region_of(converted).__dict__["_mhc_state"].path
+    found = region_state(converted).path
     if region != found:
         raise MHCRewriteError(f"the saved model was converted at region {region!r}, this conversion found {found!r}")
     tensors = _read_mhc_tensors(directory)

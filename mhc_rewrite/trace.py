@@ -35,6 +35,18 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+def without_cache(forward, args: tuple, kwargs: dict, *, keywords: bool = False) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call of ``forward`` with ``use_cache=False`` where it takes that argument: a key-value
+    cache is mutated in place by attention and cannot cross a traced graph. The positional arguments become
+    keywords when one is given at or after ``use_cache``, or always with ``keywords=True``."""
+    names = [name for name in inspect.signature(forward).parameters if name != "self"]
+    if "use_cache" not in names:
+        return args, kwargs
+    if keywords or names.index("use_cache") < len(args):
+        args, kwargs = (), {**dict(zip(names, args)), **kwargs}
+    return args, {**kwargs, "use_cache": False}
+
+
 def _any_size(value):
     """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary."""
     if isinstance(value, torch.Tensor):
@@ -107,7 +119,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         TraceError: both tracers failed; the message names both failures.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"trace() takes an nn.Module, got {type(model).__name__}")
     args, kwargs = split_example_inputs(example_inputs)
     if isinstance(model, fx.GraphModule):
         gm = fx.GraphModule(model, copy.deepcopy(model.graph))

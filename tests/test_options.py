@@ -8,8 +8,7 @@ import pytest
 
 import mhc_rewrite
 from mhc_rewrite import MHCConfig, MHCRewriteError
-from mhc_rewrite.cli import make_parser
-from mhc_rewrite.config import config_from_args
+from mhc_rewrite.cli import config_from_args, make_parser
 
 from models import ResidualMLP
 

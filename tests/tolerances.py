@@ -1,6 +1,6 @@
 """Every numeric tolerance of the test suite, in one table, each set from a measured error.
 
-The errors were measured by ``tests/measure_tolerances.py`` (3 seeds, the kernel tests' shapes, CPU with
+The errors were measured by ``tests/support/measure_tolerances.py`` (3 seeds, the kernel tests' shapes, CPU with
 TRITON_INTERPRET=1; torch 2.13) and by the suite's own assertions run with ``MHC_TOLERANCE_LOG`` set (see
 :func:`assert_close`; 2026-11-26): the column ``measured`` is the worst either printed.
 
@@ -30,7 +30,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 @dataclass(frozen=True)
 class Tolerance:
     limit: float  # the largest error an assertion accepts
-    measured: float  # the worst error tests/measure_tolerances.py printed
+    measured: float  # the worst error tests/support/measure_tolerances.py printed
     reason: str  # why the limit sits where it does
 
 
@@ -123,7 +123,7 @@ def assert_close(got, want, kind: str, dtype: torch.dtype | None = None, msg: st
 
     With ``MHC_TOLERANCE_LOG=file`` set, every comparison appends ``kind, dtype, error, file:line`` to that file:
     the suite's own assertions measure the errors the table's ``measured`` column records for the kinds that
-    tests/measure_tolerances.py does not cover.
+    tests/support/measure_tolerances.py does not cover.
     """
     err, limit = rel_err(got, want), tolerance(kind, dtype)
     if os.environ.get("MHC_TOLERANCE_LOG"):

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from ..passes.sites import SiteInfo
-from ..region import region_call
+from ..region import region_call, region_state
 from ..trace import flatten_inputs
 
 
@@ -135,7 +135,7 @@ def stream_diagnostics(gm: fx.GraphModule, *args, **kwargs) -> StreamDiagnostics
         graph, inputs = gm, flatten_inputs(gm, args, kwargs)
     else:  # a converted model: the graph its region runs for these inputs
         region, graph, inputs = region_call(gm, args, kwargs)
-        path = region.__dict__["_mhc_state"].path
+        path = region_state(region).path
         prefix = path + "." if path else ""
     recorder = _MapRecorder(graph)
     recorder.run(*inputs)

@@ -31,9 +31,58 @@ MODES = ("mhc", "hc")
 RMS_EPS = 1e-6  # the RMSNorm epsilon of the coefficient path (also used by kernels/fused_pre.py)
 
 
-def _gain(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    """``[a_pre]*n + [a_post]*n + [a_res]*n²``, built with static sizes (tracing-friendly)."""
-    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+def gain(alpha: torch.Tensor, n: int, res_width: int) -> torch.Tensor:
+    """``[a_pre]*n + [a_post]*n + [a_res]*res_width`` (``n²`` logits for Sinkhorn, ``n!`` for mHC-lite), built with
+    static sizes (tracing-friendly)."""
+    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(res_width)])
+
+
+def gate_gradients(grad_pre: torch.Tensor, grad_post: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:
+    """The gradient of the gate logits ``[..., 2n]``: ``dH_pre·s(1-s)`` and ``dH_post·2s(1-s)``, ``s`` their sigmoid
+    (``H_pre = s``, ``H_post = 2s``), in the dtype of ``logits``."""
+    sig = torch.sigmoid(logits[..., : 2 * n])
+    scale = torch.tensor([1.0] * n + [2.0] * n, dtype=logits.dtype, device=sig.device)
+    return torch.cat([grad_pre.to(logits.dtype), grad_post.to(logits.dtype)], dim=-1) * sig * (1 - sig) * scale
+
+
+def projection_grads(g, dz, d_gain, v, r, z, streams, phi, alpha, bias, n):
+    """``(d_streams, d_phi, d_alpha, d_bias)`` from ``g``, the gradient of the logits ``z·gain + bias``, and ``dz``,
+    ``d_gain``, its parts through ``z`` and the gain; static mode (``streams`` None) has only ``d_bias``."""
+    d_bias = g.sum_to_size(bias.shape).to(bias.dtype)
+    if streams is None:
+        return None, None, None, d_bias
+    res_width = d_gain.shape[-1] - 2 * n
+    d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, res_width], dim=-1)]).to(alpha.dtype)
+    dv, d_phi = projection_backward(v, r, z, dz, phi)
+    return dv.reshape(streams.shape).to(streams.dtype), d_phi.to(phi.dtype), d_alpha, d_bias
+
+
+# The ops take optional streams, phi, alpha (None for a static site); autograd saves what is there and gives None
+# gradients for what is not, and the backward ops return empty tensors for the absent ones (an op returns tensors).
+
+
+def save_optional(ctx, streams, phi, alpha, bias, *extra) -> None:
+    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)), *extra)
+    ctx.present = tuple(t is not None for t in (streams, phi, alpha))
+
+
+def saved_optional(ctx) -> tuple:
+    """``(streams, phi, alpha, bias, *extra)`` as :func:`save_optional` saved them, absent ones None."""
+    saved = ctx.saved_tensors
+    return (*(t if keep else None for t, keep in zip(saved[:3], ctx.present)), *saved[3:])
+
+
+def present_grads(ctx, grads) -> tuple:
+    """The gradients of ``(streams, phi, alpha, bias)``, None for the inputs that were absent."""
+    return (*(g if keep else None for g, keep in zip(grads[:3], ctx.present)), grads[3])
+
+
+def empty_for_absent(grads, bias: torch.Tensor) -> tuple:
+    return tuple(bias.new_empty(0) if g is None else g for g in grads)
+
+
+def fake_grads(streams, phi, alpha, bias) -> tuple:
+    return tuple(bias.new_empty(0) if t is None else torch.empty_like(t) for t in (streams, phi, alpha, bias))
 
 
 def num_logits(n: int) -> int:
@@ -121,7 +170,7 @@ def _inputs(streams, phi, alpha, bias, n, z=None, r=None):
         v, r, z = projection(streams, phi)
     else:
         v = _vec(streams)
-    return v, r, z, _gain(alpha.to(acc), n), bias.to(acc)
+    return v, r, z, gain(alpha.to(acc), n, n * n), bias.to(acc)
 
 
 def _forward(streams, phi, alpha, bias, n, sinkhorn_iters, mode, project: Callable):
@@ -227,30 +276,22 @@ def coefficients_backward_ref(
     Static mode (no streams) has only ``d_bias``; the others are None.
     """
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
-    g_h = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
-    v, r, z, gain, b = _inputs(streams, phi, alpha, bias, n, z, r)
+    v, r, z, gain_, b = _inputs(streams, phi, alpha, bias, n, z, r)
+    dz = d_gain = None
     if mode == "mhc":
-        logits = b if z is None else z * gain + b
-        sig = torch.sigmoid(logits[..., : 2 * n])
-        scale = torch.tensor([1.0] * n + [2.0] * n, dtype=acc, device=sig.device)  # sigmoid, 2·sigmoid
-        g_gates = g_h[..., : 2 * n] * sig * (1 - sig) * scale
+        logits = b if z is None else z * gain_ + b
         g_res = sinkhorn_backward(grad_res, logits[..., 2 * n :].unflatten(-1, (n, n)), sinkhorn_iters)
-        g = torch.cat([g_gates, g_res.to(acc).flatten(-2)], dim=-1)
+        g = torch.cat([gate_gradients(grad_pre, grad_post, logits, n), g_res.to(acc).flatten(-2)], dim=-1)
         if z is not None:
-            dz, d_gain = g * gain, g * z
+            dz, d_gain = g * gain_, g * z
     elif mode == "hc":
-        g = g_h
+        g = torch.cat([grad_pre.to(acc), grad_post.to(acc), grad_res.to(acc).flatten(-2)], dim=-1)
         if z is not None:
             t = torch.tanh(z)
-            dz, d_gain = g * gain * (1 - t * t), g * t
+            dz, d_gain = g * gain_ * (1 - t * t), g * t
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    d_bias = g.sum_to_size(bias.shape).to(bias.dtype)
-    if streams is None:
-        return None, None, None, d_bias
-    d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=-1)]).to(alpha.dtype)
-    dv, d_phi = projection_backward(v, r, z, dz, phi)
-    return dv.reshape(streams.shape).to(streams.dtype), d_phi.to(phi.dtype), d_alpha, d_bias
+    return projection_grads(g, dz, d_gain, v, r, z, streams, phi, alpha, bias, n)
 
 
 @torch.library.custom_op("mhc::coefficients_backward", mutates_args=())
@@ -275,32 +316,28 @@ def coefficients_backward(
     """
     grads = coefficients_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode,
                                       z, r)
-    return tuple(bias.new_empty(0) if g is None else g for g in grads)
+    return empty_for_absent(grads, bias)
 
 
 @coefficients_backward.register_fake
 def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n, sinkhorn_iters, mode, z=None, r=None):
-    return tuple(bias.new_empty(0) if t is None else torch.empty_like(t) for t in (streams, phi, alpha, bias))
+    return fake_grads(streams, phi, alpha, bias)
 
 
 def _setup_context(ctx, inputs, output):
     streams, phi, alpha, bias, n, iters, mode = inputs
     z, r = output[3:]
     ctx.mark_non_differentiable(z, r)
-    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)), z, r)
-    ctx.present = tuple(t is not None for t in (streams, phi, alpha))
+    save_optional(ctx, streams, phi, alpha, bias, z, r)
     ctx.args = (n, iters, mode)
 
 
 def _backward(ctx, grad_pre, grad_post, grad_res, _grad_z, _grad_r):
-    saved = ctx.saved_tensors
-    streams, phi, alpha = (t if keep else None for t, keep in zip(saved[:3], ctx.present))
-    bias, z, r = saved[3:]
+    streams, phi, alpha, bias, z, r = saved_optional(ctx)
     projected = (z, r) if streams is not None else (None, None)
     grads = torch.ops.mhc.coefficients_backward(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, *ctx.args,
                                                 *projected)
-    d_streams, d_phi, d_alpha = (g if keep else None for g, keep in zip(grads[:3], ctx.present))
-    return d_streams, d_phi, d_alpha, grads[3], None, None, None
+    return *present_grads(ctx, grads), None, None, None
 
 
 coefficients.register_autograd(_backward, setup_context=_setup_context)

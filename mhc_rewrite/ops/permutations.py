@@ -22,7 +22,17 @@ from typing import Optional
 
 import torch
 
-from .coefficients import projection, projection_backward
+from .coefficients import (
+    empty_for_absent,
+    fake_grads,
+    gain,
+    gate_gradients,
+    present_grads,
+    projection,
+    projection_grads,
+    save_optional,
+    saved_optional,
+)
 from .sinkhorn import compute_dtype
 
 
@@ -55,10 +65,6 @@ def identity_logit(n: int, diagonal: float) -> float:
     return math.log((diagonal * (total - 1) - (fixing - 1)) / (1.0 - diagonal))
 
 
-def _gain(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(math.factorial(n))])
-
-
 def _logits(streams, phi, alpha, bias, n):
     """``(logits, z, gain, v, rms)``; all but ``logits`` are None in static mode."""
     acc = compute_dtype(bias.dtype if streams is None else streams.dtype)
@@ -66,8 +72,8 @@ def _logits(streams, phi, alpha, bias, n):
     if streams is None:
         return b, None, None, None, None
     v, rms, z = projection(streams, phi)
-    gain = _gain(alpha.to(acc), n)
-    return z * gain + b, z, gain, v, rms
+    gain_ = gain(alpha.to(acc), n, math.factorial(n))
+    return z * gain_ + b, z, gain_, v, rms
 
 
 def coefficients_permutations_ref(
@@ -101,23 +107,14 @@ def coefficients_permutations_backward_ref(grad_pre, grad_post, grad_res, stream
     coefficients: ``dz = g·gain``, ``d_gain = g·z``, ``du = dz / r``, ``dr = -sum(dz·z) / r``,
     ``d_phi = vᵀ du``, ``dv = du phiᵀ + dr·v / (D·r)``; static mode has only ``d_bias``.
     """
-    logits, z, gain, v, rms = _logits(streams, phi, alpha, bias, n)
-    acc = logits.dtype
-    sig = torch.sigmoid(logits[..., : 2 * n])
-    scale = torch.tensor([1.0] * n + [2.0] * n, dtype=acc, device=sig.device)
-    g_gates = torch.cat([grad_pre.to(acc), grad_post.to(acc)], dim=-1) * sig * (1 - sig) * scale
+    logits, z, gain_, v, rms = _logits(streams, phi, alpha, bias, n)
     weights = torch.softmax(logits[..., 2 * n :], dim=-1)
-    perms = permutation_matrices(n, acc, logits.device).flatten(1)
-    d_weights = grad_res.to(acc).flatten(-2) @ perms.T
+    perms = permutation_matrices(n, logits.dtype, logits.device).flatten(1)
+    d_weights = grad_res.to(logits.dtype).flatten(-2) @ perms.T
     g_res = weights * (d_weights - (weights * d_weights).sum(dim=-1, keepdim=True))
-    g = torch.cat([g_gates, g_res], dim=-1)
-    d_bias = g.sum_to_size(bias.shape).to(bias.dtype)
-    if streams is None:
-        return None, None, None, d_bias
-    dz, d_gain = g * gain, g * z
-    d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, math.factorial(n)], dim=-1)])
-    dv, d_phi = projection_backward(v, rms, z, dz, phi)
-    return dv.reshape(streams.shape).to(streams.dtype), d_phi.to(phi.dtype), d_alpha.to(alpha.dtype), d_bias
+    g = torch.cat([gate_gradients(grad_pre, grad_post, logits, n), g_res], dim=-1)
+    dz, d_gain = (None, None) if streams is None else (g * gain_, g * z)
+    return projection_grads(g, dz, d_gain, v, rms, z, streams, phi, alpha, bias, n)
 
 
 @torch.library.custom_op("mhc::coefficients_permutations", mutates_args=())
@@ -153,28 +150,23 @@ def coefficients_permutations_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`coefficients_permutations`; absent inputs get empty gradients."""
     grads = coefficients_permutations_backward_ref(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n)
-    return tuple(bias.new_empty(0) if g is None else g for g in grads)
+    return empty_for_absent(grads, bias)
 
 
 @coefficients_permutations_backward.register_fake
 def _(grad_pre, grad_post, grad_res, streams, phi, alpha, bias, n):
-    return tuple(bias.new_empty(0) if t is None else torch.empty_like(t) for t in (streams, phi, alpha, bias))
+    return fake_grads(streams, phi, alpha, bias)
 
 
 def _setup_context(ctx, inputs, output):
     streams, phi, alpha, bias, n = inputs
-    ctx.save_for_backward(*(t if t is not None else bias.new_empty(0) for t in (streams, phi, alpha, bias)))
-    ctx.present = tuple(t is not None for t in (streams, phi, alpha))
+    save_optional(ctx, streams, phi, alpha, bias)
     ctx.n = n
 
 
 def _backward(ctx, grad_pre, grad_post, grad_res):
-    saved = ctx.saved_tensors
-    streams, phi, alpha = (t if keep else None for t, keep in zip(saved[:3], ctx.present))
-    grads = torch.ops.mhc.coefficients_permutations_backward(grad_pre, grad_post, grad_res, streams, phi, alpha,
-                                                             saved[3], ctx.n)
-    d_streams, d_phi, d_alpha = (g if keep else None for g, keep in zip(grads[:3], ctx.present))
-    return d_streams, d_phi, d_alpha, grads[3], None
+    grads = torch.ops.mhc.coefficients_permutations_backward(grad_pre, grad_post, grad_res, *saved_optional(ctx), ctx.n)
+    return *present_grads(ctx, grads), None
 
 
 coefficients_permutations.register_autograd(_backward, setup_context=_setup_context)

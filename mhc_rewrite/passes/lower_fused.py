@@ -8,9 +8,9 @@ fuse the coefficients (a static site's ``coefficients`` reads no streams: its fi
 keeps such matches out, so it keeps the reference pre-mix); a ``h_pre`` read elsewhere as well is
 left alone too (the matcher refuses a pattern whose inner values escape). The fused ops run Triton kernels on CUDA
 and their PyTorch reference elsewhere, so a lowered graph runs anywhere; under Inductor on CUDA the kernels are
-visible to the scheduler. Works on ``convert()``'s output and on Dynamo graphs (op packets are first resolved to
-their overload). New nodes get ``meta["val"]`` when the graph has fake values, and the module stack and mHC role
-of the nodes they replace.
+visible to the scheduler. Works on the graphs of a converted region (``mhc_rewrite.lower(model)`` applies it to all
+of them) and on Dynamo graphs (op packets are first resolved to their overload). New nodes get ``meta["val"]``
+when the graph has fake values, and the module stack and mHC role of the nodes they replace.
 """
 
 from __future__ import annotations
@@ -99,15 +99,14 @@ def lower_fused(gm: fx.GraphModule) -> PassResult:
     """Replace the reference mHC ops of ``gm`` with the fused ones, in place.
 
     Args:
-        gm: a graph module holding ``torch.ops.mhc`` reference ops (the Dynamo graph of a converted model), or a
-            converted model: then every graph its region runs, now and for later specialisations, is lowered.
+        gm: a graph module holding ``torch.ops.mhc`` reference ops (the Dynamo graph of a converted model, one
+            graph of a converted region). A whole converted model is lowered by ``mhc_rewrite.lower(model)``.
     Returns:
         ``PassResult(gm, modified)``.
     """
     if not isinstance(gm, fx.GraphModule):
-        from mhc_rewrite.region import lower_region  # the region module imports the passes
-
-        return lower_region(gm, lower_fused)
+        raise TypeError(f"lower_fused is a graph pass: it takes a GraphModule, got {type(gm).__name__} "
+                        "(lower a converted model with mhc_rewrite.lower(model))")
     _resolve_packets(gm.graph)
     fake_mode = detect_fake_mode([node.meta.get("val") for node in gm.graph.nodes])
     replaced = replace_pattern_with_filters(gm, _pre_mix_pattern, match_filters=[_dynamic_site],

@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import fx
 
 
-def module_paths(node: fx.Node) -> list[str]:
+def module_paths(node: fx.Node, called: bool = True) -> list[str]:
     """The module paths ``node`` runs inside, outermost first (from ``nn_module_stack``), and for a
-    ``call_module`` node the called module itself, e.g. ``["model.layers.3", "model.layers.3.mlp"]``."""
+    ``call_module`` node the called module itself (unless ``called=False``), e.g.
+    ``["model.layers.3", "model.layers.3.mlp"]``."""
     paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-    if node.op == "call_module":
+    if called and node.op == "call_module":
         paths.append(node.target)
     return paths
 

@@ -152,11 +152,7 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]
     reduced: dict[fx.Node, fx.Node] = {}  # erased site output -> the reduce that replaced it
     exits: dict[fx.Node, ResidualSite] = {}  # reduce node -> its site (the live ones are the chain exits)
     for site in sites:
-        if site.channels is None:
-            raise MHCRewriteError(
-                f"cannot tell the width of the residual stream at {site.module_path or 'the model root'}: "
-                "pass example_inputs to convert() so that shapes can be propagated"
-            )
+        site.width()  # known, or an error naming the site
         make = _NodeMaker(gm, fake_mode, site)
         stream = reduced.get(site.stream, site.stream)
         if site.prev is not None:

@@ -54,6 +54,15 @@ class ResidualSite:
     def output(self) -> fx.Node:
         return self.add_nodes[-1]
 
+    def width(self) -> int:
+        """``channels``, the stream's width; an error naming the site when the trace could not tell it."""
+        if self.channels is None:
+            raise MHCRewriteError(
+                f"cannot tell the width of the residual stream at {self.module_path or 'the model root'}: "
+                "pass example_inputs to convert() so that shapes can be propagated"
+            )
+        return self.channels
+
     @property
     def branch_size(self) -> int:
         """Number of ops in the branch."""

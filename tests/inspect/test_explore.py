@@ -108,7 +108,7 @@ def test_hugging_face_llama_mhc_ops_land_in_their_decoder_layers():
 
 
 def test_explore_out_writes_the_collection_and_node_data(tmp_path, capsys):
-    code = main(["inspect", "tests/inspect/small_factories.py:gpt_two_layers", "--n", "2",
+    code = main(["inspect", "tests/support/small_factories.py:gpt_two_layers", "--n", "2",
                  "--explore-out", str(tmp_path)])
     assert code == 0, capsys.readouterr().err
     collection = json.loads((tmp_path / "graphs.json").read_text())
@@ -155,6 +155,7 @@ def test_help_names_the_explore_flags():
 
 
 def test_a_factory_file_with_dataclasses_loads(capsys):
-    # tests/models.py defines dataclasses: its module must be registered while it runs (a bug found trying --explore)
-    assert main(["inspect", "tests/models.py:ResidualMLP"]) == 0, capsys.readouterr().err
+    # tests/support/models.py defines dataclasses: its module must be registered while it runs (a bug found trying
+    # --explore)
+    assert main(["inspect", "tests/support/models.py:ResidualMLP"]) == 0, capsys.readouterr().err
     assert "ResidualMLP: 4 residual site(s) found; rewrote 4" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from mhc_rewrite.inspect.plots import _grid, gains_figure, h_res_figure, plot_ga
 from models import GPT, GPTConfig, ResidualMLP
 from tolerances import assert_close
 
-ROOT_FACTORY = "tests/inspect/small_factories.py:gpt_two_layers"
+ROOT_FACTORY = "tests/support/small_factories.py:gpt_two_layers"
 
 
 def _texts(fig):

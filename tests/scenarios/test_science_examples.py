@@ -10,7 +10,7 @@ import matplotlib.image as mpimg
 
 from tolerances import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_example(script, out, *flags):

@@ -47,7 +47,7 @@ def _train(idx, dtype, how, steps=10):
 
     SGD, not Adam: Adam's second moment kept in fp16 underflows (grad² < 6e-8 becomes 0), its steps grow to m/eps
     and an fp16 run leaves the float32 one for reasons of the optimiser, not of the model (measured: 1.85 nats
-    apart after 10 steps; tests/measure_tolerances.py).
+    apart after 10 steps; tests/support/measure_tolerances.py).
     """
     torch.manual_seed(0)
     gm = mhc_rewrite.convert(GPT(GPTConfig(n_layer=2)), example_inputs=(idx[:, :-1],))

@@ -12,7 +12,7 @@ import torch
 
 from tolerances import assert_close
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_main_demo_runs_and_preserves_the_function(tmp_path):
@@ -70,6 +70,7 @@ def test_api_tour_runs(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert_close(torch.tensor(saved["gain"][0]), torch.tensor(1.0), "coefficients")  # rows of H_res sum to 1
     assert_close(saved["compiled"], saved["eager"], "same_math")
+    assert_close(saved["lowered"], saved["eager"], "same_math")
 
 
 def test_finetune_hf_example_saves_a_model_that_loads_back_and_generates_the_same(tmp_path):

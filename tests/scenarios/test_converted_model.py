@@ -281,7 +281,7 @@ def test_torch_load_in_a_fresh_process(tmp_path):
     torch.save({"x": x, "y": converted(x)}, tmp_path / "io.pt")
     script = textwrap.dedent(f"""
         import sys, torch
-        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1] / "support")!r})
         import mhc_rewrite
         from models import GPT, GPTConfig
         io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
