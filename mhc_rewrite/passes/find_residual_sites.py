@@ -75,20 +75,47 @@ def _child_of(stack: list[str], scope: list[str]) -> Optional[str]:
     return inner[0] if inner else None
 
 
-def _site_module_path(add: fx.Node, body: list[fx.Node], out: fx.Node, all_paths: set[str]) -> str:
+def _site_module_path(add: fx.Node, body: list[fx.Node], out: fx.Node, all_paths: set[str], gm) -> str:
     """The module that best names the branch, e.g. ``model.layers.3.self_attn``.
 
     Within the add's own module: the child module that produced the branch output when it is a composite
-    module (attention, MLP); else the only child the branch touches; else the add's module itself.
+    module (attention, MLP); else the only child the branch touches; else the add's module itself. A trailing child
+    without parameters or submodules (dropout, stochastic depth) is looked through to the child before it: such
+    modules run ops in train mode and none in eval, and one site must have one name in every mode.
     """
     scope = module_paths(add)
-    child = _child_of(module_paths(out), scope)
-    if child is not None and any(path.startswith(child + ".") for path in all_paths):
-        return child
+    composite = _producer(scope, body, out, all_paths, gm)
+    if composite is not None:
+        return composite
     children = {c for c in (_child_of(module_paths(node), scope) for node in body) if c is not None}
     if len(children) == 1:
         return children.pop()
     return scope[-1] if scope else ""
+
+
+def _producer(scope: list[str], body: list[fx.Node], out: fx.Node, all_paths: set[str], gm) -> Optional[str]:
+    """The composite child module (one with submodules) that produced ``out``, looking through trailing children
+    without parameters or submodules; None when the output does not come from a composite child."""
+    child = _child_of(module_paths(out), scope)
+    while child is not None and not any(path.startswith(child + ".") for path in all_paths):
+        inside = [node for node in body if _child_of(module_paths(node), scope) == child]
+        ancestors = _ancestors(out)
+        before = [node for node in body if node not in inside and node in ancestors]
+        if _has_params(inside, gm) or not before:
+            return None
+        body, out = [node for node in body if node not in inside], before[-1]
+        child = _child_of(module_paths(out), scope)
+    return child
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for src in stack.pop().all_input_nodes:
+            if src not in seen:
+                seen.add(src)
+                stack.append(src)
+    return seen
 
 
 def _same_shapes(*nodes: fx.Node) -> bool:
@@ -129,7 +156,7 @@ def find_residual_sites(gm: fx.GraphModule,
         match = _match_residual(add, gm, order)
         if match is not None:
             stream, out, body = match
-            path = _site_module_path(add, body, out, all_paths)
+            path = _site_module_path(add, body, out, all_paths, gm)
             site = ResidualSite(index=len(sites), module_path=path, stream=stream, add_nodes=[add],
                                 branch_outputs=[out], body=body, has_params=_has_params(body, gm))
             sites.append(site)
