@@ -184,6 +184,7 @@ def _add_site_params(region: nn.Module, sites: list[ResidualSite], config: MHCCo
     (reuses of one path counted over every site inside, rewritten or not, as ``pipeline.rewrite_call`` counts)."""
     inside = [s for s in sites if not path or s.module_path == path or s.module_path.startswith(path + ".")]
     keys = param_keys(inside, lambda s: relative(s.module_path, path))
+    region_state(region).skipped_keys = {key for site, key in keys.items() if not site.rewrite}
     for site in (s for s in sites if s.rewrite):
         key = keys[site]
         region.mhc[key] = MHCSiteParams(config, site.width(), site.index, relative(site.module_path, path), device)

@@ -94,7 +94,7 @@ def learned_collapses(gm: fx.GraphModule, analysis: SiteAnalysis, config: MHCCon
 
 
 def rewrite_call(gm: fx.GraphModule, params: nn.ModuleDict, config: MHCConfig, caller: str,
-                 lowered: bool = False) -> fx.GraphModule:
+                 lowered: bool = False, skipped: frozenset = frozenset()) -> fx.GraphModule:
     """Rewrite a new trace of a converted module with the parameters it already has: a site is rewritten exactly
     when ``params`` holds its key (nothing is created).
 
@@ -104,6 +104,8 @@ def rewrite_call(gm: fx.GraphModule, params: nn.ModuleDict, config: MHCConfig, c
         config: the conversion options.
         caller: who made the call, for the error below (``"the converted LlamaModel (train=True)"``).
         lowered: also lower the reference ops to the fused ones.
+        skipped: the keys of the sites found but skipped at conversion (e.g. their axis needed shapes the
+            conversion's trace had not): they stay skipped.
     Returns:
         ``gm``.
     Raises:
@@ -114,7 +116,7 @@ def rewrite_call(gm: fx.GraphModule, params: nn.ModuleDict, config: MHCConfig, c
     run_passes([find], gm)
     for site, key in param_keys(find.analysis.sites).items():
         site.rewrite = key in params
-        if not site.rewrite and site.has_params and not site.skip_reason:
+        if not site.rewrite and site.has_params and not site.skip_reason and key not in skipped:
             raise MHCRewriteError(
                 f"this call of {caller} runs a residual at {site.module_path or 'its root'} that was not there when "
                 "the model was converted; convert the model in the mode and with the inputs it is trained with"

@@ -62,6 +62,7 @@ class RegionState:
     lowered: bool = False  # fused Triton ops instead of the reference ops (lower(), passes/lower_fused.py)
     sites: list = field(default_factory=list)  # the converted model's SiteInfo records, rewritten then skipped
     skipped: list = field(default_factory=list)
+    skipped_keys: set = field(default_factory=set)  # the site keys skipped at conversion: they stay skipped
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -182,7 +183,7 @@ def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.Grap
     tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
     units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call
     caller = f"the converted {type(region).__name__} (train={region.training})"
-    gm = rewrite_call(gm, region.mhc, state.config, caller, lowered=state.lowered)
+    gm = rewrite_call(gm, region.mhc, state.config, caller, lowered=state.lowered, skipped=state.skipped_keys)
     gm.mhc_sites, gm.mhc_skipped, gm.mhc_config = state.sites, state.skipped, state.config  # as the model's
     if units:  # checkpointed layers stay checkpointed, their mHC ops with them
         gm = checkpoint_units(gm, units)

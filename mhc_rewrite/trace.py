@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
@@ -93,10 +94,34 @@ def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
 
 
+def _fake_inputs(values) -> list:
+    """Fake copies of the example inputs, with their sizes, in a mode that has a shape environment: an op whose
+    output size depends on the data (``torch.where(mask)``, ``nonzero``: a Python loop over MoE experts) then gets
+    a symbolic size instead of stopping the propagation."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    return mode, [mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def thread_in_place(gm: fx.GraphModule) -> None:
+    """Make in-place method calls of a symbolic trace visible in its dataflow, in place.
+
+    ``symbolic_trace`` records ``out.index_add_(0, idx, y)`` as a node whose result nobody reads (the code goes on
+    reading ``out``), so the finder cannot see that ``y`` reaches the output, and dead-code elimination would drop
+    the call. An in-place method returns its ``self``: every later reader of ``out`` reads the call instead (the
+    same tensor at run time). ``torch.export`` graphs need none of this (they are functionalised).
+    """
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")
+                and node.args and isinstance(node.args[0], fx.Node)):
+            target = node.args[0]
+            target.replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > order[node])
+    gm.graph.lint()
+    gm.recompile()
+
+
 def _propagate_fake_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    args = flatten_inputs(gm, args, kwargs)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    mode, fake_args = _fake_inputs(flatten_inputs(gm, args, kwargs))
     try:
         with _buffers_kept(gm):
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_args)
@@ -129,6 +154,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         return gm
     try:
         gm = fx.symbolic_trace(model)
+        thread_in_place(gm)
     except Exception as symbolic_error:
         if example_inputs is None:
             raise TraceError(
@@ -193,11 +219,11 @@ def _symbolic_trace_call(model: nn.Module, args: tuple, kwargs: dict, recorder) 
         tracer = _WatchingTracer(recorder)
         graph = tracer.trace(model, concrete_args=concrete or None)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        thread_in_place(gm)
     except Exception as exc:
         log.info("symbolic_trace of %s failed (%s); using torch.export", type(model).__name__, exc)
         return None
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in values.values()]
+    mode, fake = _fake_inputs(values.values())
     try:
         with _buffers_kept(gm):
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)  # placeholders: the signature's order

@@ -237,13 +237,13 @@ def _getitem(node, src, dim, rank, in_shape, out_shape):
     if rank is None:
         return _needs_rank(node)
     items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, (list, torch.Tensor)) or isinstance(shape_of(i), tuple) for i in items):
-        return Lost(f"`{node.name}` indexes with a tensor")
     used = sum(i is not None and i is not Ellipsis for i in items)
     spread: list = []
     for item in items:
         spread.extend([slice(None)] * (rank - used) if item is Ellipsis else [item])
     spread.extend([slice(None)] * (rank - sum(i is not None for i in spread)))
+    if any(_is_tensor_index(i) for i in spread):
+        return _tensor_index(node, dim, rank, spread, out_shape)
     out, position = 0, 0
     for item in spread:
         if item is None:
@@ -257,6 +257,27 @@ def _getitem(node, src, dim, rank, in_shape, out_shape):
             break
         out, position = out + isinstance(item, slice), position + 1
     return out, len(out_shape) if out_shape is not None else None
+
+
+def _is_tensor_index(item) -> bool:
+    return isinstance(item, (list, torch.Tensor)) or isinstance(shape_of(item), tuple)
+
+
+def _tensor_index(node, dim, rank, spread, out_shape):
+    """``x[idx]``, ``x[idx, :]`` (gathering tokens for MoE experts, un-permuting them): an axis after every index,
+    with only full slices from it to the end, keeps its place counted from the end (the indices' axes replace the
+    indexed ones in front of it). Boolean masks, and indices after the axis, lose it."""
+    positions, items = [], [item for item in spread if item is not None]
+    for position, item in enumerate(items):
+        if _is_tensor_index(item):
+            val = item.meta.get("val") if isinstance(item, fx.Node) else None
+            if not isinstance(item, fx.Node) or not isinstance(val, torch.Tensor) or val.dtype == torch.bool:
+                return Lost(f"`{node.name}` indexes with a boolean mask or a tensor of unknown kind")
+            positions.append(position)
+    if None in spread or out_shape is None or any(p >= dim for p in positions) or any(
+            item != slice(None) for item in items[dim:]):
+        return Lost(f"`{node.name}` indexes the axis, or axes after it, with a tensor")
+    return dim - rank + len(out_shape), len(out_shape)
 
 
 def _same_rank(node, src, dim, rank, *_):

@@ -7,6 +7,7 @@ axis that the branch's **last parameterised op** maps over:
     Linear, LayerNorm/RMSNorm over one axis, MultiheadAttention, RNNs   its last axis
     Conv (axis 1; 0 when unbatched), GroupNorm, BatchNorm, InstanceNorm, PReLU(C)   axis 1
     x @ W (W a parameter)                                                    its last axis (W @ x: second-to-last)
+    grouped_mm(x, W, offs) (W a parameter [E, K, N]: MoE experts)            its last axis
     x * gamma, x + beta (a parameter with one axis of size > 1: layer scale)  that axis, aligned from the end
 
 followed from that op's output through the ops between it and the add (``axis_rules``: permutes, transposes,
@@ -56,6 +57,10 @@ for _kind, _position, _targets in (
 TRANSPOSED_CONVS = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d} | resolve_aten(
     "conv_transpose1d.default", "conv_transpose2d.input", "conv_transpose3d.input")
 CONVOLUTION = torch.ops.aten.convolution.default
+# grouped matmuls (MoE experts: rows sorted by expert, ``offs`` their boundaries; [S, K] x [E, K, N] -> [S, N]), by
+# name: a library's own op (transformers' fallback) is registered only once the library is imported
+GROUPED_MATMULS = {"aten::_grouped_mm", "transformers::grouped_mm_fallback"}
+GROUPED_MATMUL_FUNCTIONS = {getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)} - {None}
 SCALES = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub, torch.div,
           "mul", "add", "sub", "div", "__mul__", "__add__", "__sub__", "__truediv__",
           *resolve_aten("mul.Tensor", "add.Tensor", "sub.Tensor", "div.Tensor")}
@@ -140,6 +145,10 @@ def _function_source(node: fx.Node, gm: fx.GraphModule, body: set, rank: Optiona
         dim, size = {"linear": (-1, weight.shape[0]), "channel_norm": (1, weight.shape[0]),
                      "addmm": (-1, weight.shape[-1])}[kind]
         return dim, size, rank, None
+    if _is_grouped_matmul(node) and len(node.args) >= 2:
+        weight = param_value(node.args[1], gm, body)
+        if weight is not None and weight.dim() >= 2:
+            return -1, weight.shape[-1], rank, f"grouped matmul by parameter `{_param_name(node.args[1])}`"
     if op_kind(node, gm) == "matmul" and len(node.args) >= 2:
         right, left = param_value(node.args[1], gm, body), param_value(node.args[0], gm, body)
         if right is not None and right.dim() >= 2:
@@ -154,6 +163,15 @@ def _function_source(node: fx.Node, gm: fx.GraphModule, body: set, rank: Optiona
                 what = f"{_op_name(node)} by parameter `{_param_name(arg)}` {list(value.shape)}"
                 return wide[0] - value.dim(), value.shape[wide[0]], rank, what
     return None
+
+
+def _is_grouped_matmul(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name in GROUPED_MATMULS
+    return target in GROUPED_MATMUL_FUNCTIONS
 
 
 def _param_name(arg: fx.Node) -> str:

@@ -25,6 +25,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
 from .base import MHCPass
+from .nodes import has_effects
 
 log = logging.getLogger(__name__)
 mhc = torch.ops.mhc
@@ -114,7 +115,7 @@ def lower_fused(gm: fx.GraphModule) -> PassResult:
     replaced += replace_pattern_with_filters(gm, _post_res_mix_pattern, _fused_post_res_mix)
     _annotate(gm.graph, replaced, fake_mode)
     if replaced:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=has_effects)
         gm.graph.lint()
         gm.recompile()
     return PassResult(gm, bool(replaced))

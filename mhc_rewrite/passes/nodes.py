@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 
@@ -25,3 +26,16 @@ def is_mhc_node(node: fx.Node) -> bool:
     site's parameters (``mhc.<site>.<name>``)."""
     return ("mhc" in node.meta or is_mhc_op(node)
             or (node.op == "get_attr" and str(node.target).startswith("mhc.")))
+
+
+def has_effects(node: fx.Node) -> bool:
+    """True when removing ``node`` changes what the graph does although nobody reads its result: torch.fx's impure
+    nodes, and in-place calls (``buf.add_(1)``, ``out.index_add_(...)`` in a symbolic trace; an aten op with a
+    mutable schema). The ``is_impure_node`` of every dead-code elimination the passes run."""
+    if node.is_impure():
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target._schema.is_mutable)

@@ -32,6 +32,7 @@ from ..errors import MHCRewriteError
 from ..ops.collapse import CollapseParams, learned_collapse
 from ..site_params import MHCSiteParams
 from .base import MHCPass, SiteAnalysis
+from .nodes import has_effects
 from .sites import ResidualSite
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def rewrite_mhc(gm: fx.GraphModule, config: MHCConfig, sites: list[ResidualSite]
         for add in reversed(site.add_nodes):
             graph.erase_node(add)
         stream_out[site] = streams
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=has_effects)
     if config.collapse == "learned":
         _learn_collapses(gm, fake_mode, exits, config)
     graph.lint()

@@ -322,6 +322,80 @@ class AudioNet(nn.Module):
         return self.head(self.blocks(self.stem(wave)).mean(dim=-1))
 
 
+# --- mixture of experts: tokens dispatched to experts and back (the channel axis is the hidden axis) -----------
+
+
+class LoopMoE(nn.Module):
+    """Top-k routed experts run by a Python loop over the experts, each writing back with ``index_add_`` (the
+    pre-grouped-matmul Hugging Face Mixtral)."""
+
+    def __init__(self, width: int, experts: int = 4, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width)) for _ in range(experts))
+
+    def forward(self, x):  # (B, T, C)
+        tokens = x.reshape(-1, x.shape[-1])  # (B*T, C)
+        weights, chosen = torch.topk(F.softmax(self.router(tokens), dim=-1), self.top_k, dim=-1)  # (B*T, k)
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)  # the tokens routed to expert e, and in which of their k slots
+            out.index_add_(0, token, expert(tokens[token]) * weights[token, slot, None])
+        return out.reshape(x.shape)
+
+
+class ScatterMoE(nn.Module):
+    """Top-1 routed experts with a capacity (Switch Transformer): tokens are scattered into per-expert slots
+    ``[E, capacity, C]``, the experts are batched matmuls by ``[E, C, H]`` parameters, and each token gathers its
+    slot back (tokens over capacity get zero)."""
+
+    def __init__(self, width: int, experts: int = 4, capacity: int = 8):
+        super().__init__()
+        self.experts, self.capacity = experts, capacity
+        self.router = nn.Linear(width, experts, bias=False)
+        self.w_in = nn.Parameter(torch.randn(experts, width, 2 * width) / math.sqrt(width))
+        self.w_out = nn.Parameter(torch.randn(experts, 2 * width, width) / math.sqrt(2 * width))
+
+    def forward(self, x):  # (B, T, C)
+        tokens = x.reshape(-1, x.shape[-1])  # (N, C)
+        prob, expert = F.softmax(self.router(tokens), dim=-1).max(dim=-1)  # (N,)
+        place = (F.one_hot(expert, self.experts).cumsum(0) - 1).gather(1, expert[:, None]).squeeze(1)  # (N,)
+        kept = place < self.capacity
+        slot = expert * self.capacity + place.clamp(max=self.capacity - 1)  # (N,)
+        index = slot[:, None].expand(-1, tokens.shape[-1])  # (N, C)
+        slots = tokens.new_zeros(self.experts * self.capacity, tokens.shape[-1])
+        slots = slots.scatter(0, torch.where(kept[:, None], index, 0), tokens * kept[:, None])
+        hidden = F.gelu(slots.view(self.experts, self.capacity, -1) @ self.w_in)  # (E, capacity, H)
+        done = (hidden @ self.w_out).view(self.experts * self.capacity, -1)  # (E*capacity, C)
+        out = done.gather(0, index) * (prob * kept)[:, None]  # (N, C)
+        return out.reshape(x.shape)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, width: int, moe: type):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mix = nn.Linear(width, width)  # a token-wise stand-in for attention
+        self.moe = moe(width)
+
+    def forward(self, x):  # (B, T, C)
+        x = x + self.mix(self.norm1(x))
+        return x + self.moe(self.norm2(x))
+
+
+class MoENet(nn.Module):
+    def __init__(self, moe: type = LoopMoE, width: int = 32, depth: int = 2, vocab: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(*[MoEBlock(width, moe) for _ in range(depth)])
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx):  # (B, T)
+        return self.head(self.blocks(self.embed(idx)))
+
+
 def hf_gpt2(n_layer: int = 2, n_embd: int = 32):
     from transformers import GPT2Config, GPT2LMHeadModel
 
