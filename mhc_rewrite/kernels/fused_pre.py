@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..ops.coefficients import RMS_EPS
+from ..constants import RMS_EPS
 from . import layout
 from .layout import flat_layout, gains, group_matrices, normalise, sinkhorn_first_round, tanh
 

@@ -25,10 +25,10 @@ from typing import Callable, Optional
 
 import torch
 
+from ..constants import RMS_EPS
 from .sinkhorn import compute_dtype, sinkhorn_backward, sinkhorn_forward, sinkhorn_knopp_ref
 
 MODES = ("mhc", "hc")
-RMS_EPS = 1e-6  # the RMSNorm epsilon of the coefficient path (also used by kernels/fused_pre.py)
 
 
 def gain(alpha: torch.Tensor, n: int, res_width: int) -> torch.Tensor:
