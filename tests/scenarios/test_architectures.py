@@ -76,7 +76,13 @@ MOE = {
 }
 
 
-@pytest.mark.parametrize("name", list(MOE))
+# DeepseekV3's exported training graph holds an in-place aten.copy_ that autograd cannot differentiate (issue 21,
+# class (b), not fixed yet): strict, so the test says so the day it is fixed
+KNOWN = {"deepseek_v3": pytest.mark.xfail(strict=True, raises=RuntimeError,
+                                          reason="aten::copy in the exported training graph has no derivative")}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN.get(n, ())) for n in MOE])
 def test_moe_expert_blocks_get_mhc_and_train(name):
     build, expert_block = MOE[name]
     torch.manual_seed(0)
