@@ -200,8 +200,6 @@ def _describe(root: nn.Module, model: nn.Module, sites: list[ResidualSite], conf
     root.mhc_model_name = type(model).__name__
     state = region_state(root)
     state.sites, state.skipped = root.mhc_sites, root.mhc_skipped
-    if getattr(root, "generation_config", None) is not None:
-        root.generation_config.use_cache = False  # a converted region runs without a key-value cache
     if getattr(root, "config", None) is not None and hasattr(root.config, "to_dict"):
         # written by save_pretrained, read back (and validated) by mhc_rewrite.from_pretrained
         root.config.mhc_rewrite = conversion_record(config, path, example_inputs)

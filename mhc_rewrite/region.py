@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
 from .errors import MHCRewriteError
+from .kv_cache import CACHE_INPUT, CachePlan, cache_layout, is_cache, traced_forward
 from .paths import absolute
 from .pipeline import lower as lower_graph
 from .pipeline import rewrite_call
@@ -123,10 +124,76 @@ def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, kwargs
 
 
+def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[dict, str, object]]:
+    """``(keywords, cache keyword, cache)`` for a call that runs with a key-value cache, else None (the call runs
+    without one, :func:`_drop_cache`). A call carries a cache when it passes one, or, in eval mode, when it asks for
+    one (``use_cache``, or the model's ``config.use_cache``) and the region is a decoder-only Hugging Face model
+    (it is given a ``DynamicCache``, as the original would make). Training calls keep running without a cache."""
+    forward = region_base(type(region)).forward
+    names = [name for name in inspect.signature(forward).parameters if name != "self"]
+    kwargs = {**dict(zip(names, args)), **kwargs}
+    found = [(name, value) for name, value in kwargs.items() if is_cache(value)]
+    config = getattr(region, "config", None)
+    use_cache = kwargs.get("use_cache")
+    use_cache = getattr(config, "use_cache", False) if use_cache is None else use_cache
+    if region.training or not use_cache:
+        return None
+    if found:
+        return kwargs, *found[0]
+    name = next((n for n in ("cache", "past_key_values") if n in names), None)
+    if name is None or config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    from transformers import DynamicCache  # a Hugging Face model: transformers is there
+
+    return kwargs, name, DynamicCache(config=config)
+
+
+@contextmanager
+def _cache_forward(region: nn.Module, kwargs: dict, cache):
+    """While tracing a call with a cache: the region's ``forward`` (this instance's, for the tracer) takes the cache's
+    tensors and runs the original forward on a copy of the cache (``kv_cache.traced_forward``)."""
+    if cache is None:
+        yield
+        return
+    name, obj, plan = cache
+    forward = traced_forward(type(region).forward.__get__(region), name, obj, plan)
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs])  # export binds by name
+    region.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        del region.__dict__["forward"]
+
+
+def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
+    """Run a call with a key-value cache: the graph of its specialisation (the cache's layout is part of the key),
+    then the cache's own ``update`` calls replayed on ``cache`` (``kv_cache.py``)."""
+    layout, tensors = cache_layout(cache)
+    call = {k: v for k, v in kwargs.items() if k != name}
+    call[CACHE_INPUT] = tensors
+    state = region_state(region)
+    key = ("kv_cache", name, layout, call_key(region, (), call))
+    gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ()) if sizes_match(fixed, (), call)),
+              None)
+    if gm is None:
+        plan = CachePlan()
+        gm = _build(region, (), call, key, (name, cache, plan))
+        gm.meta["mhc_kv_plan"] = plan
+    state.last = gm
+    output, updates = gm(**call)
+    plan = gm.meta["mhc_kv_plan"]
+    plan.replay(cache, updates)
+    return plan.output(output, cache)
+
+
 class ConvertedRegion(nn.Module):
     """Mixin placed before the user's class: ``forward`` runs the graph of the call's specialisation."""
 
     def forward(self, *args, **kwargs):
+        cached = _cache_call(self, args, kwargs)
+        if cached is not None:
+            return _run_cached(self, *cached)
         args, kwargs = _drop_cache(self, args, kwargs)
         gm = self._mhc_graph_for(args, kwargs)
         if gm.meta.get("mhc_call") == "positional":  # symbolic_trace renames specialised arguments
@@ -172,13 +239,14 @@ def _no_autocast():
             yield
 
 
-def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModule:
-    """Trace the region's original forward for this call and rewrite it with the region's mHC parameters."""
+def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict, cache=None) -> fx.GraphModule:
+    """Trace the region's original forward for this call and rewrite it with the region's mHC parameters.
+    ``cache``: ``(keyword, cache object, CachePlan)`` of a call with a key-value cache (``kv_cache.py``)."""
     state = region_state(region)
     # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
     # the caller's autocast applies when the graph runs, not while it is traced.
     with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), _no_autocast(), \
-            record_checkpoints(region) as recorder:
+            record_checkpoints(region) as recorder, _cache_forward(region, kwargs, cache):
         gm = trace_call(region, args, kwargs, recorder=recorder)
     tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
     units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call
@@ -199,7 +267,7 @@ def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.Grap
 
 
 @torch._dynamo.disable
-def _build(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModule:
+def _build(region: "ConvertedRegion", args: tuple, kwargs: dict, key: Hashable = None, cache=None) -> fx.GraphModule:
     """Trace and rewrite the region for a call it has no graph for, and cache the graph under the call's key.
 
     Runs eagerly even under ``torch.compile``: a trace needs the real call (a graph break, once per
@@ -211,11 +279,12 @@ def _build(region: "ConvertedRegion", args: tuple, kwargs: dict) -> fx.GraphModu
             f"the converted {type(region).__name__} is being traced (torch.export?) for a call it has no graph for "
             f"(train={region.training}); run the converted model once on real inputs of this kind first"
         )
-    gm = _specialise(region, args, kwargs)
+    gm = _specialise(region, args, kwargs, cache)
     seconds = time.perf_counter() - start
     state.traces, state.trace_seconds = state.traces + 1, state.trace_seconds + seconds
     log.info("traced %s for a new specialisation (%d so far, %.2f s)", type(region).__name__, state.traces, seconds)
-    state.graphs.setdefault(call_key(region, args, kwargs), []).append((static_sizes(gm, args, kwargs), gm))
+    key = call_key(region, args, kwargs) if key is None else key
+    state.graphs.setdefault(key, []).append((static_sizes(gm, args, kwargs), gm))
     state.last = gm
     return gm
 

@@ -52,6 +52,8 @@ def _any_size(value):
     """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary."""
     if isinstance(value, torch.Tensor):
         return {dim: torch.export.Dim.AUTO for dim in range(value.dim()) if value.shape[dim] != 1}  # 1 stays 1
+    if isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value):  # a cache's tensors
+        return [_any_size(v) for v in value]
     return None
 
 

@@ -1,0 +1,220 @@
+"""Key-value caches across a traced graph: a converted region decodes with the caller's cache.
+
+A cache (transformers' ``DynamicCache``, ``StaticCache``, ``EncoderDecoderCache``...) is a Python object that
+attention mutates in place; ``torch.export`` cannot take it as an input. mHC needs nothing of the past (its maps
+are per token), so the region keeps the cache out of the graph this way:
+
+- the cache's tensors (every layer's keys and values) enter the graph as a flat list of inputs
+  (``mhc_cache_tensors``), whose sequence sizes stay free: one graph serves every decoding step;
+- while tracing, the region runs on a *copy* of the cache holding the traced tensors: attention reads and
+  updates the copy with the cache's own code, and every ``update(...)`` call it makes is recorded; the graph returns
+  what those calls were given (the new keys and values of the step);
+- after the graph has run, the same ``update`` calls are replayed on the caller's cache, so its own Python (grow
+  by concatenation, keep a sliding window, write in place into a static buffer, count the tokens) fills it
+  exactly as the original model would; plain attributes the region set besides (``EncoderDecoderCache.is_updated``)
+  are set too.
+
+The specialisation key holds the cache's layout: its classes, which tensors are present, and its plain attributes
+(``is_initialized``, a sliding layer's token count). Prefill (an empty cache) and decoding (a filled one) are two
+specialisations; a plain attribute that changes at every step (a sliding-window layer's ``cumulative_length``)
+makes every step its own.
+
+Chosen over registering the cache classes as pytrees (``transformers.integrations.executorch``): that needs one
+flatten/unflatten per cache class, registered globally, and rebuilds the cache from its tensors alone (losing
+what is not a tensor); replaying the cache's own ``update`` works for every class that follows transformers'
+``Cache.update`` contract and leaves the caller's object what it would be after the original's call.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Hashable, Optional
+
+import torch
+import torch.utils._pytree as pytree
+
+CACHE_INPUT = "mhc_cache_tensors"  # the keyword under which a cache's tensors enter a traced graph
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def is_cache(value: Any) -> bool:
+    """A key-value cache object: a transformers ``Cache`` (by its protocol, without importing transformers)."""
+    return not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length") and hasattr(value, "update")
+
+
+def _is_part(value: Any) -> bool:
+    """Objects the cache walk descends into: the cache, its sub-caches and its layers."""
+    name = type(value).__name__
+    return hasattr(value, "__dict__") and not isinstance(value, (torch.Tensor, torch.nn.Module, type)) and (
+        name.endswith("Cache") or name.endswith("Layer"))
+
+
+def _walk(obj: Any, path: tuple, parts: list) -> None:
+    """``parts``: ``(path, object)`` for ``obj`` and every cache/layer object below it, depth first."""
+    parts.append((path, obj))
+    for name, value in obj.__dict__.items():
+        children = value if isinstance(value, (list, tuple)) else [value]
+        for i, child in enumerate(children):
+            if _is_part(child):
+                _walk(child, path + ((name, i if isinstance(value, (list, tuple)) else None),), parts)
+
+
+def cache_parts(cache: Any) -> list:
+    parts: list = []
+    _walk(cache, (), parts)
+    return parts
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(v, _PLAIN) for v in value.values())
+    return isinstance(value, _PLAIN)
+
+
+def cache_layout(cache: Any) -> tuple[Hashable, list[torch.Tensor]]:
+    """The cache's specialisation key and its tensors, in the order the traced graph takes them."""
+    layout, tensors = [], []
+    for path, obj in cache_parts(cache):
+        fields = []
+        for name, value in obj.__dict__.items():
+            if isinstance(value, torch.Tensor):
+                fields.append((name, "tensor"))
+                tensors.append(value)
+            elif _plain(value):
+                fields.append((name, tuple(sorted(value.items())) if isinstance(value, dict) else value))
+        layout.append((path, type(obj).__qualname__, tuple(fields)))
+    return tuple(layout), tensors
+
+
+def _resolve(root: Any, path: tuple) -> Any:
+    obj = root
+    for name, index in path:
+        obj = getattr(obj, name) if index is None else getattr(obj, name)[index]
+    return obj
+
+
+def _copy_tree(cache: Any, tensors: list) -> tuple[Any, list]:
+    """A copy of ``cache`` (its cache/layer objects, their lists and dicts copied) holding ``tensors`` in place of
+    its own, in :func:`cache_layout`'s order; returns the copy and its parts."""
+    feed = iter(tensors)
+    copies: dict[tuple, Any] = {}
+    for path, original in cache_parts(cache):
+        obj = copies[path] = copy.copy(original)
+        for name, value in list(obj.__dict__.items()):
+            if isinstance(value, torch.Tensor):
+                obj.__dict__[name] = next(feed)
+            elif isinstance(value, (dict, list, tuple)):
+                obj.__dict__[name] = list(value) if isinstance(value, tuple) else copy.copy(value)
+        if path:
+            (name, index), parent = path[-1], copies[path[:-1]]
+            if index is None:
+                parent.__dict__[name] = obj
+            else:
+                parent.__dict__[name][index] = obj
+    for path, original in cache_parts(cache):  # tuples stay tuples
+        for name, value in original.__dict__.items():
+            if isinstance(value, tuple):
+                copies[path].__dict__[name] = tuple(copies[path].__dict__[name])
+    root = copies[()]
+    return root, cache_parts(root)
+
+
+class UpdateRecorder:
+    """Records the ``update`` calls attention makes on a traced copy of a cache (the outermost call only: a
+    ``Cache.update`` that forwards to its layer's ``update`` is one call)."""
+
+    def __init__(self):
+        self.calls: list[tuple[tuple, Any]] = []  # (path of the updated object, (args, kwargs))
+        self._depth = 0
+
+    def watch(self, root: Any) -> None:
+        for path, obj in cache_parts(root):
+            if hasattr(obj, "update") and type(obj).__name__.endswith("Cache"):
+                obj.update = self._recording(path, type(obj).update.__get__(obj))  # this copy only
+
+    def _recording(self, path: tuple, update):
+        def recorded(*args, **kwargs):
+            if self._depth == 0:
+                self.calls.append((path, (args, kwargs)))
+            self._depth += 1
+            try:
+                return update(*args, **kwargs)
+            finally:
+                self._depth -= 1
+        return recorded
+
+
+def _plain_state(parts: list) -> dict:
+    return {(path, name): copy.copy(value) for path, obj in parts for name, value in obj.__dict__.items()
+            if name != "update" and _plain(value)}
+
+
+class CachePlan:
+    """What one traced graph must do to the caller's cache after it has run: replay the recorded ``update`` calls
+    (their tensors are the graph's last outputs) and set the plain attributes the traced call changed."""
+
+    def __init__(self):
+        self.specs: list[tuple[tuple, Any]] = []  # (path, treespec of (args, kwargs))
+        self.assigned: dict = {}  # (path, attribute) -> value after the call
+        self.output_key: Optional[str] = None  # where the region's output held the cache
+        self.output_class: Optional[type] = None  # the region's output class (a ModelOutput), None for a tuple
+
+    def record(self, recorder: UpdateRecorder, before: dict, parts: list) -> list:
+        """Fill the plan from a traced call; returns the recorded calls' tensors (the graph's extra outputs)."""
+        self.specs, leaves_out = [], []  # export may run the forward more than once
+        for path, call in recorder.calls:
+            leaves, spec = pytree.tree_flatten(call)
+            tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+            constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            self.specs.append((path, spec, constants))
+            leaves_out.extend(tensors)
+        after = _plain_state(parts)
+        self.assigned = {key: value for key, value in after.items() if before.get(key, object()) != value
+                         and not _symbolic(value)}
+        return leaves_out
+
+    def replay(self, cache: Any, tensors: list) -> None:
+        feed = iter(tensors)
+        for path, spec, constants in self.specs:
+            leaves = [next(feed) if c is None else c for c in constants]
+            args, kwargs = pytree.tree_unflatten(leaves, spec)
+            _resolve(cache, path).update(*args, **kwargs)
+        for (path, name), value in self.assigned.items():
+            setattr(_resolve(cache, path), name, copy.copy(value))
+
+
+    def output(self, output: Any, cache: Any) -> Any:
+        """The region's output as the original returns it, holding the caller's ``cache``."""
+        if self.output_class is not None:
+            extra = {} if self.output_key is None else {self.output_key: cache}
+            return self.output_class(**output, **extra)
+        return tuple(cache if value is None and i == 1 else value for i, value in enumerate(output))
+
+
+def _symbolic(value: Any) -> bool:
+    values = value.values() if isinstance(value, dict) else [value]
+    return any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in values)
+
+
+def traced_forward(forward, cache_name: str, cache: Any, plan: CachePlan):
+    """A forward for ``torch.export``: takes the cache's tensors as ``mhc_cache_tensors`` and the call's other
+    keywords, runs ``forward`` on a copy of ``cache`` holding them, and returns ``(output without the cache,
+    tensors of the recorded update calls)``. Fills ``plan`` as it runs."""
+
+    def forward_with_cache(**kwargs):
+        tensors = kwargs.pop(CACHE_INPUT)
+        copied, parts = _copy_tree(cache, tensors)
+        recorder = UpdateRecorder()
+        recorder.watch(copied)
+        before = _plain_state(parts)
+        output = forward(**kwargs, **{cache_name: copied})
+        updates = plan.record(recorder, before, parts)
+        if isinstance(output, dict):  # a ModelOutput: a plain dict without the cache copy, rebuilt by the caller
+            plan.output_class = type(output)
+            plan.output_key = next((key for key, value in output.items() if value is copied), None)
+            output = {key: value for key, value in output.items() if value is not copied}
+        elif isinstance(output, tuple):
+            output = tuple(None if value is copied else value for value in output)
+        return output, updates
+
+    return forward_with_cache
