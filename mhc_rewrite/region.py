@@ -127,8 +127,9 @@ def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
 def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[dict, str, object]]:
     """``(keywords, cache keyword, cache)`` for a call that runs with a key-value cache, else None (the call runs
     without one, :func:`_drop_cache`). A call carries a cache when it passes one, or, in eval mode, when it asks for
-    one (``use_cache``, or the model's ``config.use_cache``) and the region is a decoder-only Hugging Face model
-    (it is given a ``DynamicCache``, as the original would make). Training calls keep running without a cache."""
+    one (``use_cache``, or the model's ``config.use_cache``) and the region is a Hugging Face model taking a cache
+    (it is given a ``DynamicCache``, an ``EncoderDecoderCache`` of two for an encoder-decoder, as the original makes).
+    Training calls keep running without a cache."""
     forward = region_base(type(region)).forward
     names = [name for name in inspect.signature(forward).parameters if name != "self"]
     kwargs = {**dict(zip(names, args)), **kwargs}
@@ -141,10 +142,12 @@ def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[
     if found:
         return kwargs, *found[0]
     name = next((n for n in ("cache", "past_key_values") if n in names), None)
-    if name is None or config is None or getattr(config, "is_encoder_decoder", False):
+    if name is None or config is None:
         return None
-    from transformers import DynamicCache  # a Hugging Face model: transformers is there
+    from transformers import DynamicCache, EncoderDecoderCache  # a Hugging Face model: transformers is there
 
+    if getattr(config, "is_encoder_decoder", False):
+        return kwargs, name, EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
     return kwargs, name, DynamicCache(config=config)
 
 
