@@ -17,9 +17,10 @@ LM, the model itself for a plain PyTorch model), becomes an instance of a subcla
   graph never runs. All graphs share the one set of mHC parameters.
 - keeps everything outside the region — loss, ``generate``, ``save_pretrained``, the config — the user's code.
 
-Key-value caches cannot cross a traced graph (they are mutated in place by attention); a converted region runs
-without one: ``use_cache`` is forced off inside it and an empty cache object is dropped; a non-empty one is an
-error (convert sets ``generation_config.use_cache = False`` so that ``generate`` never builds one).
+Key-value caches: a call in eval mode with a cache, or asking for one, runs with it (:func:`_run_cached`): the
+cache's tensors are graph inputs and its own ``update`` calls are replayed on it after the graph
+(``mhc_rewrite/kv_cache.py``). Training calls run without a cache: ``use_cache`` is forced off and an empty cache
+object is dropped (a filled one is an error).
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         if value is not None and hasattr(value, "get_seq_length"):  # a transformers Cache
             if value.get_seq_length() != 0:
                 raise MHCRewriteError(
-                    f"a converted model got a filled key-value cache ({type(value).__name__} as {name!r}): mHC "
-                    "regions run without a cache. Call without past_key_values (generate(..., use_cache=False); "
-                    "convert() already sets generation_config.use_cache = False)."
+                    f"a converted model got a filled key-value cache ({type(value).__name__} as {name!r}) in a call "
+                    f"that runs without one (train mode={region.training}, or use_cache=False): a converted model "
+                    "decodes with a cache in eval mode; call model.eval() or leave the cache out."
                 )
             kwargs[name] = None
     return args, kwargs
