@@ -158,6 +158,7 @@ class CachePlan:
         self.assigned: dict = {}  # (path, attribute) -> value after the call
         self.output_key: Optional[str] = None  # where the region's output held the cache
         self.output_class: Optional[type] = None  # the region's output class (a ModelOutput), None for a tuple
+        self.mutated: Optional[set[int]] = None  # cache tensors the graph writes into in place (set at first run)
 
     def record(self, recorder: UpdateRecorder, before: dict, parts: list) -> list:
         """Fill the plan from a traced call; returns the recorded calls' tensors (the graph's extra outputs)."""

@@ -170,6 +170,17 @@ def _cache_forward(region: nn.Module, kwargs: dict, cache):
         del region.__dict__["forward"]
 
 
+def _mutated_inputs(gm: fx.GraphModule, call: dict, tensors: list) -> set[int]:
+    """Indices of the cache tensors ``gm`` writes into in place (``copy_`` into its placeholder, as the unlifted
+    export writes input mutations back), e.g. a ``StaticCache``'s buffers and token counter."""
+    leaves = pytree.tree_leaves(((), call))
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    written = {node.args[0] for node in gm.graph.nodes if node.op == "call_function" and node.args
+               and node.target in (torch.ops.aten.copy_.default, torch.Tensor.copy_)}
+    index = {id(t): i for i, t in enumerate(tensors)}
+    return {index[id(leaf)] for leaf, node in zip(leaves, placeholders) if node in written and id(leaf) in index}
+
+
 def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     """Run a call with a key-value cache: the graph of its specialisation (the cache's layout is part of the key),
     then the cache's own ``update`` calls replayed on ``cache`` (``kv_cache.py``)."""
@@ -185,8 +196,12 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
         gm = _build(region, (), call, key, (name, cache, plan))
         gm.meta["mhc_kv_plan"] = plan
     state.last = gm
-    output, updates = gm(**call)
     plan = gm.meta["mhc_kv_plan"]
+    if plan.mutated is None:
+        plan.mutated = _mutated_inputs(gm, call, tensors)
+    if plan.mutated:  # the graph writes into them (a StaticCache): the replayed update() is the one write
+        call[CACHE_INPUT] = [t.clone() if i in plan.mutated else t for i, t in enumerate(tensors)]
+    output, updates = gm(**call)
     plan.replay(cache, updates)
     return plan.output(output, cache)
 

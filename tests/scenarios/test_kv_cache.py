@@ -44,6 +44,9 @@ def t5():
 
 
 MODELS = {"llama": llama, "llama_gqa": lambda: llama(kv_heads=2), "mistral_sliding": mistral, "t5": t5}
+# models whose decoding graph serves every length. Not: the sliding-window Mistral (its layers' token count is a plain
+# attribute of the cache, part of the key) and T5 (torch.export fixes the cached length: its relative position bias)
+FREE_LENGTH = ("llama", "llama_gqa")
 
 
 def build(name):
@@ -85,7 +88,7 @@ def test_prefill_and_decode_steps_match_the_original(name):
             want_cache, got_cache = want.past_key_values, got.past_key_values
             assert rel_err(got.logits, want.logits) <= TOL, f"step {i}"
             assert_same_cache(got_cache, want_cache)
-    if name != "mistral_sliding":  # a sliding layer's token count is a plain attribute: each step is its own trace
+    if name in FREE_LENGTH:
         assert region_state(converted).traces <= 2
 
 
@@ -97,7 +100,7 @@ def test_greedy_generate_gives_the_original_tokens(name):
     before = region_state(converted).traces
     got = converted.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
-    if name != "mistral_sliding":
+    if name in FREE_LENGTH:
         assert region_state(converted).traces - before <= 2  # one prefill, one decoding graph, whatever the length
         again = region_state(converted).traces
         converted.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
@@ -106,10 +109,12 @@ def test_greedy_generate_gives_the_original_tokens(name):
 
 def test_generate_uses_the_cache():
     model, converted, ids = build("llama")
+    mask = torch.ones_like(ids)
+    converted.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)  # traced here, not counted
     lengths = []
     hook = converted.model.register_forward_pre_hook(
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    converted.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    converted.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     hook.remove()
     assert lengths == [6, 1, 1, 1]  # decoding steps feed one token: the past comes from the cache
 
@@ -148,3 +153,15 @@ def test_training_calls_are_unchanged():
     assert abs(got.loss.item() - want.loss.item()) <= TOL * abs(want.loss.item())
     got.loss.backward()
     assert all(p.grad is not None for name, p in converted.named_parameters() if ".mhc." in name and "phi" in name)
+
+
+def test_static_cache_generate_gives_the_original_tokens():
+    model, converted, ids = build("llama")
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, cache_implementation="static")
+    want = model.generate(ids, **kwargs)
+    got = converted.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    assert region_state(converted).traces <= 2  # the buffers' length is fixed: one prefill, one decoding graph
+    traces = region_state(converted).traces
+    assert torch.equal(converted.generate(ids, **kwargs), want)
+    assert region_state(converted).traces == traces
