@@ -200,6 +200,7 @@ def _describe(root: nn.Module, model: nn.Module, sites: list[ResidualSite], conf
     root.mhc_model_name = type(model).__name__
     state = region_state(root)
     state.sites, state.skipped = root.mhc_sites, root.mhc_skipped
+    state.generates = bool(getattr(root, "can_generate", lambda: False)())  # Hugging Face: asked for, a cache is made
     if getattr(root, "config", None) is not None and hasattr(root.config, "to_dict"):
         # written by save_pretrained, read back (and validated) by mhc_rewrite.from_pretrained
         root.config.mhc_rewrite = conversion_record(config, path, example_inputs)

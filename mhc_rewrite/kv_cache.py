@@ -35,6 +35,7 @@ import torch.utils._pytree as pytree
 
 CACHE_INPUT = "mhc_cache_tensors"  # the keyword under which a cache's tensors enter a traced graph
 _PLAIN = (bool, int, float, str, type(None))
+_FROM_GRAPH = object()  # in a recorded update call: a tensor the graph returns
 
 
 def is_cache(value: Any) -> bool:
@@ -166,7 +167,7 @@ class CachePlan:
         for path, call in recorder.calls:
             leaves, spec = pytree.tree_flatten(call)
             tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-            constants = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+            constants = [_FROM_GRAPH if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
             self.specs.append((path, spec, constants))
             leaves_out.extend(tensors)
         after = _plain_state(parts)
@@ -177,7 +178,7 @@ class CachePlan:
     def replay(self, cache: Any, tensors: list) -> None:
         feed = iter(tensors)
         for path, spec, constants in self.specs:
-            leaves = [next(feed) if c is None else c for c in constants]
+            leaves = [next(feed) if c is _FROM_GRAPH else c for c in constants]
             args, kwargs = pytree.tree_unflatten(leaves, spec)
             _resolve(cache, path).update(*args, **kwargs)
         for (path, name), value in self.assigned.items():

@@ -65,6 +65,7 @@ class RegionState:
     sites: list = field(default_factory=list)  # the converted model's SiteInfo records, rewritten then skipped
     skipped: list = field(default_factory=list)
     skipped_keys: set = field(default_factory=set)  # the site keys skipped at conversion: they stay skipped
+    generates: bool = False  # the converted model generates (HF can_generate()): asked for a cache, it makes one
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -128,8 +129,9 @@ def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
 def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[dict, str, object]]:
     """``(keywords, cache keyword, cache)`` for a call that runs with a key-value cache, else None (the call runs
     without one, :func:`_drop_cache`). A call carries a cache when it passes one, or, in eval mode, when it asks for
-    one (``use_cache``, or the model's ``config.use_cache``) and the region is a Hugging Face model taking a cache
-    (it is given a ``DynamicCache``, an ``EncoderDecoderCache`` of two for an encoder-decoder, as the original makes).
+    one (``use_cache``, or the model's ``config.use_cache``) and the converted model generates (Hugging Face's
+    ``can_generate()``; it is given a ``DynamicCache``, an ``EncoderDecoderCache`` of two for an encoder-decoder, as
+    the original makes; an encoder such as BERT makes none).
     Training calls keep running without a cache."""
     forward = region_base(type(region)).forward
     names = [name for name in inspect.signature(forward).parameters if name != "self"]
@@ -143,7 +145,7 @@ def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[
     if found:
         return kwargs, *found[0]
     name = next((n for n in ("cache", "past_key_values") if n in names), None)
-    if name is None or config is None:
+    if name is None or config is None or not region_state(region).generates:
         return None
     from transformers import DynamicCache, EncoderDecoderCache  # a Hugging Face model: transformers is there
 
