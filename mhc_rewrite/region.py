@@ -40,7 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
-from .errors import MHCRewriteError
+from .errors import MHCRewriteError, TraceError
 from .kv_cache import CACHE_INPUT, CachePlan, cache_layout, is_cache, traced_forward
 from .paths import absolute
 from .pipeline import lower as lower_graph
@@ -65,6 +65,7 @@ class RegionState:
     sites: list = field(default_factory=list)  # the converted model's SiteInfo records, rewritten then skipped
     skipped: list = field(default_factory=list)
     skipped_keys: set = field(default_factory=set)  # the site keys skipped at conversion: they stay skipped
+    cacheless: set = field(default_factory=set)  # keys of calls with a cache that could not be traced with it
     generates: bool = False  # the converted model generates (HF can_generate()): asked for a cache, it makes one
 
     def __getstate__(self):
@@ -172,6 +173,9 @@ def _cache_forward(region: nn.Module, kwargs: dict, cache):
         del region.__dict__["forward"]
 
 
+_WITHOUT_CACHE = object()  # _run_cached: this call runs without a cache (the region could not be traced with it)
+
+
 def _mutated_inputs(gm: fx.GraphModule, call: dict, tensors: list) -> set[int]:
     """Indices of the cache tensors ``gm`` writes into in place (``copy_`` into its placeholder, as the unlifted
     export writes input mutations back), e.g. a ``StaticCache``'s buffers and token counter."""
@@ -193,9 +197,19 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     key = ("kv_cache", name, layout, call_key(region, (), call))
     gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ()) if sizes_match(fixed, (), call)),
               None)
+    if key in state.cacheless:
+        return _WITHOUT_CACHE
     if gm is None:
         plan = CachePlan()
-        gm = _build(region, (), call, key, (name, cache, plan))
+        try:
+            gm = _build(region, (), call, key, (name, cache, plan))
+        except TraceError as exc:
+            if cache.get_seq_length() != 0:
+                raise
+            log.warning("%s could not be traced with its %s (%s); it runs without a key-value cache",
+                        type(region).__name__, type(cache).__name__, exc)
+            state.cacheless.add(key)
+            return _WITHOUT_CACHE
         gm.meta["mhc_kv_plan"] = plan
     state.last = gm
     plan = gm.meta["mhc_kv_plan"]
@@ -214,7 +228,9 @@ class ConvertedRegion(nn.Module):
     def forward(self, *args, **kwargs):
         cached = _cache_call(self, args, kwargs)
         if cached is not None:
-            return _run_cached(self, *cached)
+            output = _run_cached(self, *cached)
+            if output is not _WITHOUT_CACHE:
+                return output
         args, kwargs = _drop_cache(self, args, kwargs)
         gm = self._mhc_graph_for(args, kwargs)
         if gm.meta.get("mhc_call") == "positional":  # symbolic_trace renames specialised arguments
