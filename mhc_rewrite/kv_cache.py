@@ -12,7 +12,8 @@ are per token), so the region keeps the cache out of the graph this way:
 - after the graph has run, the same ``update`` calls are replayed on the caller's cache, so its own Python (grow
   by concatenation, keep a sliding window, write in place into a static buffer, count the tokens) fills it
   exactly as the original model would; plain attributes the region set besides (``EncoderDecoderCache.is_updated``)
-  are set too.
+  are set too. A cache the graph writes into in place (``StaticCache``: its buffers and token counter, written back
+  by the unlifted export) is given to the graph as clones, so that the replayed ``update`` is the only write.
 
 The specialisation key holds the cache's layout: its classes, which tensors are present, and its plain attributes
 (``is_initialized``, a sliding layer's token count). Prefill (an empty cache) and decoding (a filled one) are two
