@@ -68,7 +68,33 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     if any(isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
            for node in program.graph.nodes):
         program = program.run_decompositions({})  # functionalise: `x += f(x)` becomes an add the finder sees
-    return program.module()
+    gm = program.module()
+    _differentiable_copies(gm)
+    return gm
+
+
+def _differentiable_copies(gm: fx.GraphModule) -> None:
+    """Functionalisation writes ``dst[..., :k] = src`` as ``aten.copy(dst_slice, src)`` and a ``slice_scatter``;
+    autograd has no derivative for the functional ``aten.copy`` (DeepseekV3's attention fails at its first
+    backward). Its value is ``src`` broadcast to ``dst``'s shape in ``dst``'s dtype and device: written so, with
+    ops autograd knows, in place in ``gm``."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not torch.ops.aten.copy.default or "val" not in node.args[0].meta:
+            continue
+        dst, src = node.args[:2]
+        like = dst.meta["val"]
+        with gm.graph.inserting_before(node):
+            wide = gm.graph.call_function(torch.ops.aten.expand_as.default, (src, dst))
+            value = gm.graph.call_function(torch.ops.aten._to_copy.default, (wide,),
+                                           {"dtype": like.dtype, "device": like.device})
+        value.meta = dict(node.meta)
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 @contextmanager

@@ -72,17 +72,11 @@ MOE = {
     "scatter_gather": (lambda: MoENet(ScatterMoE), "moe"),  # scattered into expert slots, gathered back
     "mixtral": (mixtral, "mlp"),  # transformers' experts: sorted by expert, grouped matmul
     "qwen2_moe": (qwen2_moe, "mlp"),  # the same, beside a shared expert
-    "deepseek_v3": (deepseek_v3, "mlp"),
+    "deepseek_v3": (deepseek_v3, "mlp"),  # its attention writes into a slice: a functional aten.copy (no derivative)
 }
 
 
-# DeepseekV3's exported training graph holds an in-place aten.copy_ that autograd cannot differentiate (issue 21,
-# class (b), not fixed yet): strict, so the test says so the day it is fixed
-KNOWN = {"deepseek_v3": pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                          reason="aten::copy in the exported training graph has no derivative")}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN.get(n, ())) for n in MOE])
+@pytest.mark.parametrize("name", list(MOE))
 def test_moe_expert_blocks_get_mhc_and_train(name):
     build, expert_block = MOE[name]
     torch.manual_seed(0)
