@@ -158,3 +158,28 @@ def test_identity_init_is_exact_through_the_split_kernels():
                                params.bias.detach(), n, 20, "mhc", **BLOCKS)
     assert_close(y, x, "few_roundings")
     assert_close(h_res.sum(-1), torch.ones(6, n), "few_roundings")
+
+
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_op_runs_the_split_kernels_when_asked(monkeypatch, mode):
+    """``MHC_PRE_MIX_KERNEL=split``: mhc::fused_pre_mix (forward and autograd) against the reference ops."""
+    from mhc_rewrite.ops import fused
+
+    monkeypatch.setenv("MHC_PRE_MIX_KERNEL", "split")
+    assert fused.pre_mix_kernel(24) == "split" and fused.pre_mix_kernel(8) == "one_pass"
+    inputs = _inputs((2, 5), 4, 24, torch.float32)
+    a = [t.clone().requires_grad_() for t in inputs]
+    b = [t.clone().requires_grad_() for t in inputs]
+    out = torch.ops.mhc.fused_pre_mix(*a, 4, 20, mode)
+    r_pre, r_post, r_res = torch.ops.mhc.coefficients(*b, 4, 20, mode)[:3]
+    ref = (torch.ops.mhc.pre_mix(b[0], r_pre), r_pre, r_post, r_res)
+    for got, want in zip(out, ref):
+        assert_close(got, want, "same_math")
+    weights = [torch.randn_like(t) for t in out]
+    grads = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, out)), a)
+    wants = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, ref)), b)
+    for got, want in zip(grads, wants):
+        assert_close(got, want, "same_math")
+    monkeypatch.setenv("MHC_PRE_MIX_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="MHC_PRE_MIX_KERNEL"):
+        fused.pre_mix_kernel(24)
