@@ -119,8 +119,20 @@ def kernel_section(args, device, dtype):
         hp, hpo, hr = coefficients_ref(x, p, a, b, n, iters, "mhc")
         return pre_mix_ref(x, hp), hp, hpo, hr
 
+    def with_pre_kernel(kernel):
+        """mhc::fused_pre_mix on one pre-mix kernel (MHC_PRE_MIX_KERNEL, ops/fused.py): set at each forward call, so
+        the backward of the same timed step reads the same value."""
+        def pre(*a):
+            os.environ["MHC_PRE_MIX_KERNEL"] = kernel
+            return fused_pre(*a, n, iters, "mhc")
+        return pre
+
+    split_y = with_pre_kernel("split")(X, phi, alpha, bias)[0]
+    out["correctness"]["split_pre_mix_y"] = rel_err(split_y, r_y)
+    print(f"split pre-mix y vs float64: {out['correctness']['split_pre_mix_y']:.2e}", flush=True)
     candidates = {
-        "mhc_rewrite (triton)": (lambda *a: fused_pre(*a, n, iters, "mhc"), fused_post),
+        "mhc_rewrite (triton)": (with_pre_kernel("one_pass"), fused_post),
+        "mhc_rewrite split pre": (with_pre_kernel("split"), fused_post),
         "eager reference": (ref_pre, post_res_mix_ref),
     }
     if not args.tiny:

@@ -7,6 +7,11 @@
 Where the Triton kernels run: CUDA tensors, or any tensor under ``TRITON_INTERPRET=1`` (the CPU interpreter, for
 tests). Elsewhere the ops compute their pure-PyTorch reference, so a lowered graph runs everywhere.
 ``passes/lower_fused.py`` puts these ops in place of the reference ones.
+
+Which pre-mix kernel runs: ``MHC_PRE_MIX_KERNEL`` in the environment, read at each call (so at trace time under
+torch.compile). ``one_pass`` (the default): ``kernels/fused_pre.py``. ``split``: the split-K projection on tensor cores
+plus a tail (``kernels/pre_split.py``, ``pre_split_backward.py``), for widths C >= 16 (narrower sites keep the
+one-pass kernel). The one-pass kernel stays the default until the split pair beats it on a GPU in the same run.
 """
 
 from __future__ import annotations
@@ -22,9 +27,19 @@ from .mixing import post_res_mix_backward_ref, post_res_mix_ref, pre_mix_backwar
 from .sinkhorn import compute_dtype
 
 try:
-    from mhc_rewrite.kernels import fused_pre, post_res
+    from mhc_rewrite.kernels import fused_pre, post_res, pre_split, pre_split_backward
 except ImportError:  # no triton (not Linux): the reference path only
-    fused_pre = post_res = None
+    fused_pre = post_res = pre_split = pre_split_backward = None
+
+PRE_MIX_KERNELS = ("one_pass", "split")
+
+
+def pre_mix_kernel(channels: int) -> str:
+    """The pre-mix kernel for a site of this width: ``MHC_PRE_MIX_KERNEL`` (default ``one_pass``), see above."""
+    choice = os.environ.get("MHC_PRE_MIX_KERNEL", "one_pass")
+    if choice not in PRE_MIX_KERNELS:
+        raise ValueError(f"MHC_PRE_MIX_KERNEL must be one of {PRE_MIX_KERNELS}, got {choice!r}")
+    return "split" if choice == "split" and pre_split.supports(channels) else "one_pass"
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -45,6 +60,8 @@ def fused_pre_mix(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(pre_mix(X, h_pre), h_pre, h_post, h_res)`` with ``(h_pre, h_post, h_res) = coefficients(X, ...)``."""
     if use_triton(streams):
+        if pre_mix_kernel(streams.shape[-1]) == "split":
+            return pre_split.pre_mix_split_fwd(streams, phi.float().contiguous(), alpha, bias, n, sinkhorn_iters, mode)
         return fused_pre.fused_pre_mix_fwd(streams, phi.float().contiguous(), alpha, bias, None, n, sinkhorn_iters,
                                            mode)
     # elsewhere: the opaque reference ops, so that Inductor, which traces into a triton_op, calls them instead of
@@ -70,7 +87,11 @@ def fused_pre_mix_backward(
     """Gradients ``(d_streams, d_phi, d_alpha, d_bias)`` of :func:`fused_pre_mix`."""
     args = (streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, sinkhorn_iters, mode)
     if use_triton(streams):
-        d_x, d_phi, d_alpha, d_bias = fused_pre.fused_pre_mix_bwd(*args)
+        if pre_mix_kernel(streams.shape[-1]) == "split":
+            split_args = (streams, phi.float().contiguous(), *args[2:])
+            d_x, d_phi, d_alpha, d_bias = pre_split_backward.pre_mix_split_bwd(*split_args)
+        else:
+            d_x, d_phi, d_alpha, d_bias = fused_pre.fused_pre_mix_bwd(*args)
         return d_x, d_phi.to(phi.dtype), d_alpha, d_bias
     return _pre_backward_ref(*args)
 

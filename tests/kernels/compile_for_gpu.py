@@ -11,7 +11,10 @@ process of its own: TRITON_INTERPRET must be 0 at import.
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") != "0":
     sys.exit("run with TRITON_INTERPRET=0: the kernels must be compiled, not interpreted")
@@ -19,9 +22,10 @@ if os.environ.get("TRITON_INTERPRET", "0") != "0":
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mhc_rewrite.kernels import fused_pre, post_res  # noqa: E402
+from mhc_rewrite.kernels import fused_pre, post_res, pre_split, pre_split_backward  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -34,6 +38,21 @@ def _signature_type(value):
     return "i32" if isinstance(value, int) else "fp64"
 
 
+def _ptxas_report(ptx: str, arch: str) -> dict:
+    """Registers and spill bytes as ptxas reports them (``-v``) for the compiled PTX; no GPU needed (the compiled
+    kernel's ``n_regs``/``n_spills`` are only filled in when it is loaded onto a device)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as fh:
+            fh.write(ptx)
+        done = subprocess.run([get_ptxas(TARGET.arch).path, "-v", f"--gpu-name={arch}", path, "-o",
+                               os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+    return {"n_regs": int(regs.group(1)) if regs else None,
+            "n_spills": int(spills.group(1)) + int(spills.group(2)) if spills else None}
+
+
 class _Compile:
     """Stands in for ``wrap_triton(kernel)``: ``[grid](*args, **constexprs)`` compiles instead of launching."""
 
@@ -41,18 +60,26 @@ class _Compile:
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        def launch(*args, **constexprs):
+        def launch(*args, num_warps=4, **constexprs):
             signature = {name: _signature_type(a) for name, a in zip(self.kernel.arg_names, args)}
             signature.update(dict.fromkeys(constexprs, "constexpr"))
-            compiled = triton.compile(ASTSource(self.kernel, signature, constexprs=constexprs), target=TARGET)
-            shown = {k: v for k, v in constexprs.items() if k in ("N", "MODE", "DYNAMIC", "BLOCK_C")}
+            compiled = triton.compile(ASTSource(self.kernel, signature, constexprs=constexprs), target=TARGET,
+                                      options={"num_warps": num_warps})
+            shown = {k: v for k, v in constexprs.items()
+                     if k in ("N", "MODE", "DYNAMIC", "BLOCK_C", "BLOCK_M", "BLOCK_K", "BLOCK_T", "WITH_DY")}
+            report = _ptxas_report(compiled.asm["ptx"], f"sm_{TARGET.arch}a") if RESOURCES else {}
             print(json.dumps({"kernel": self.kernel.__name__, **shown, "shared": compiled.metadata.shared,
-                              "dtype": str(args[0].dtype)}), flush=True)
+                              **report, "dtype": str(args[0].dtype)}), flush=True)
         return launch
+
+
+# ``--resources``: also run ptxas -v on each kernel for its registers and spills (the BENCHMARKS.md table)
+RESOURCES = "--resources" in sys.argv
 
 
 def main():
     fused_pre.wrap_triton = post_res.wrap_triton = _Compile
+    pre_split.wrap_triton = pre_split_backward.wrap_triton = _Compile
     T, C = 32, 256
     for n, dtype, modes in ((4, torch.bfloat16, ("mhc", "hc")), (3, torch.float32, ("mhc",)),
                             (8, torch.float16, ("mhc",))):
@@ -68,6 +95,11 @@ def main():
             fused_pre.fused_pre_mix_fwd(x, None, None, None, torch.rand(n), n, 20, "mhc")
             post_res.post_res_mix_fwd(x, f, torch.rand(T, n), torch.rand(T, n, n))
             post_res.post_res_mix_bwd(x, f, torch.rand(T, n), torch.rand(T, n, n), torch.randn(T, n, C, dtype=dtype))
+        if n != 3:  # the split pair at its default blocks (n=8 backward left out for time, as above)
+            pre_split.pre_mix_split_fwd(x, phi, alpha, bias, n, 20, "mhc")
+            if n == 4:
+                pre_split_backward.pre_mix_split_bwd(x, phi, alpha, bias, torch.rand(T, n), f, None, torch.rand(T, n),
+                                                     torch.rand(T, n, n), n, 20, "mhc")
 
 
 if __name__ == "__main__":

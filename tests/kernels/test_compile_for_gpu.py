@@ -29,7 +29,10 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert done.returncode == 0, done.stderr[-3000:]
     kernels = [json.loads(line) for line in done.stdout.splitlines()]
     names = {k["kernel"] for k in kernels}
-    assert names == {"_fused_pre_mix_fwd", "_fused_pre_mix_bwd", "_post_res_mix_fwd", "_post_res_mix_bwd"}
-    assert len(kernels) == 9  # n=4: fwd+bwd in two modes, static fwd, post fwd+bwd; n=3 and n=8: fwd
+    assert names == {"_fused_pre_mix_fwd", "_fused_pre_mix_bwd", "_post_res_mix_fwd", "_post_res_mix_bwd",
+                     "_project", "_tail", "_tail_backward", "_dx_dphi"}
+    # one-pass: n=4 fwd+bwd in two modes, static fwd, post fwd+bwd; n=3 and n=8: fwd (9). Split pair: n=4 projection,
+    # tail, backward projection, tail backward, dx/d_phi; n=8 projection and tail (7)
+    assert len(kernels) == 16
     for k in kernels:
         assert k["shared"] <= HOPPER_SHARED_BYTES, k
