@@ -70,6 +70,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
         program = program.run_decompositions({})  # functionalise: `x += f(x)` becomes an add the finder sees
     gm = program.module()
     _differentiable_copies(gm)
+    _snapshot_mutated_buffers(gm)
     return gm
 
 
@@ -93,6 +94,30 @@ def _differentiable_copies(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
         changed = True
     if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _snapshot_mutated_buffers(gm: fx.GraphModule) -> None:
+    """An exported training graph reads a buffer (BatchNorm's ``running_mean``), then writes its new value back at the
+    end with ``copy_(buffer, new)``. A reader that autograd saves for backward (``_native_batch_norm_legit_functional``
+    saves its running statistics) then finds the buffer one version further at ``backward()``: "modified by an inplace
+    operation". Eager code never meets this (the op updates the buffer itself, before autograd saves it). So every
+    reader of a buffer written in place reads a clone taken where the graph reads it (the value before the write, as
+    in the original); the write still goes to the buffer. In place in ``gm``; graphs without such writes are left."""
+    written = {node.args[0] for node in gm.graph.nodes
+               if node.target is torch.ops.aten.copy_.default and node.args[0].op == "get_attr"}
+    for buffer in written:
+        readers = [user for user in buffer.users if user.target is not torch.ops.aten.copy_.default]
+        if not readers:
+            continue
+        with gm.graph.inserting_after(buffer):
+            snapshot = gm.graph.call_function(torch.ops.aten.clone.default, (buffer,))
+        if "val" in buffer.meta:
+            snapshot.meta["val"] = buffer.meta["val"]
+        for reader in readers:
+            reader.replace_input_with(buffer, snapshot)
+    if written:
         gm.graph.lint()
         gm.recompile()
 
