@@ -27,7 +27,7 @@ from .pipeline import learned_collapses, run_analysis, run_pipeline
 from .record import conversion_record
 from .region import find_region, install, region_state, shallow_clone
 from .site_params import MHCSiteParams
-from .trace import split_example_inputs, trace, without_cache
+from .trace import caches_off, split_example_inputs, trace, without_cache
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def trace_unconverted(model: nn.Module, example_inputs: Any = None) -> fx.GraphM
     if not isinstance(model, fx.GraphModule) and example_inputs is not None:
         args, kwargs = without_cache(model.forward, *split_example_inputs(example_inputs), keywords=True)
         example_inputs = kwargs or args
-    return trace(model, example_inputs)
+    with caches_off(model):  # also the Hugging Face model inside a wrapper, or reached only through **kwargs
+        return trace(model, example_inputs)
 
 
 def _check_runs(model: nn.Module, example_inputs: Any) -> None:

@@ -48,6 +48,25 @@ def without_cache(forward, args: tuple, kwargs: dict, *, keywords: bool = False)
     return args, {**kwargs, "use_cache": False}
 
 
+@contextmanager
+def caches_off(model: nn.Module):
+    """While tracing ``model``: every Hugging Face config below it (a module's ``.config`` with ``use_cache``) says
+    ``use_cache=False``, restored afterwards. :func:`without_cache` reaches a ``use_cache`` argument of the traced
+    forward itself; this reaches the Hugging Face model inside a wrapper (PEFT's ``PeftModel`` / ``LoraModel``, whose
+    ``forward(*args, **kwargs)`` has no such argument) and a model that takes ``use_cache`` only through ``**kwargs``
+    (GraniteMoe's causal LM): a call that leaves it ``None`` reads the config, and a cache made there would reach the
+    output, where torch.export refuses it."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")}
+    saved = {key: config.use_cache for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config.use_cache = False
+        yield
+    finally:
+        for key, config in configs.items():
+            config.use_cache = saved[key]
+
+
 def _any_size(value):
     """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary."""
     if isinstance(value, torch.Tensor):
