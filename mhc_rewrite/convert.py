@@ -148,7 +148,9 @@ def convert(
     Returns:
         The converted model (same class as ``model``): its mHC parameters live under ``<region>.mhc.<site>``,
         ``mhc_sites``/``mhc_skipped`` list the sites and ``mhc_config`` the options; or ``model`` itself, with a
-        warning, when it has no residual to rewrite.
+        warning, when it has no residual to rewrite. Residual sites found and not rewritten (channel axis not
+        decided, a residual around rewritten ones) are counted in one warning, their reasons grouped; an add
+        excluded by ``filter_fn`` or whose branch has no parameterised op is not a residual block and not counted.
 
     Example:
         >>> model = mhc_rewrite.convert(model, n=4)
@@ -192,6 +194,34 @@ def _add_site_params(region: nn.Module, sites: list[ResidualSite], config: MHCCo
         site.param_name = f"{path + '.' if path else ''}mhc.{key}"
 
 
+# Skips the user chose (their filter_fn) or the default filter makes (an add whose branch has no parameterised op,
+# such as GELU's `x + 0.044715 * x**3`: arithmetic, not a residual block): not reported by the warning below.
+_CHOSEN_SKIPS = ("excluded by filter_fn", "branch has no parameterised op")
+
+
+def _warn_skipped(model: nn.Module, sites: list[ResidualSite]) -> None:
+    """One warning at conversion when residual blocks were found and not rewritten (their stream stays a plain
+    residual there): how many of how many, the reasons grouped by kind, a few module paths and one reason in full."""
+    blocks = [s for s in sites if s.rewrite or s.skip_reason not in _CHOSEN_SKIPS]
+    skipped = [s for s in blocks if not s.rewrite]
+    if not skipped:
+        return
+    groups: dict[str, list[ResidualSite]] = {}
+    for site in skipped:
+        groups.setdefault(site.skip_reason.split(":")[0], []).append(site)
+    parts = []
+    for kind, group in groups.items():
+        paths = sorted({s.module_path or "<root>" for s in group})
+        detail = group[0].skip_reason[len(kind) + 1:].strip()
+        detail = f"; e.g. {detail[:160]}{'...' if len(detail) > 160 else ''}" if detail else ""
+        parts.append(f"{len(group)} {kind} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''}{detail})")
+    warnings.warn(
+        f"{type(model).__name__}: {len(skipped)} of {len(blocks)} residual sites were skipped and keep their plain "
+        f"residual: {'; '.join(parts)}. model.mhc_skipped lists each with its reason.",
+        stacklevel=4,  # the user's convert() call
+    )
+
+
 def _describe(root: nn.Module, model: nn.Module, sites: list[ResidualSite], config: MHCConfig, path: str,
               example_inputs: Any) -> None:
     """What the converted model says of itself: its sites, options and, for Hugging Face models, the saved record."""
@@ -199,6 +229,7 @@ def _describe(root: nn.Module, model: nn.Module, sites: list[ResidualSite], conf
     root.mhc_skipped = [site.info() for site in sites if not site.rewrite]
     root.mhc_config = config
     root.mhc_model_name = type(model).__name__
+    _warn_skipped(model, sites)
     state = region_state(root)
     state.sites, state.skipped = root.mhc_sites, root.mhc_skipped
     state.generates = bool(getattr(root, "can_generate", lambda: False)())  # Hugging Face: asked for, a cache is made

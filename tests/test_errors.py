@@ -145,3 +145,49 @@ def test_shape_propagation_failure_warns_and_conversion_goes_on(caplog):
     assert "could not propagate shapes through the traced graph" in caplog.text
     assert gm.mhc_sites[0].channels == 4  # read off the Linear instead
     assert_close(gm(x), model(x), "function_at_init")
+
+
+class _FlattenedBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+
+    def forward(self, x):  # (B, T, dim)
+        return x + torch.tanh(x.flatten(0, 1) @ self.w).view(x.shape)  # without shapes the view cannot be followed
+
+
+class _HalfDecidedNet(nn.Module):
+    """A residual MLP block (rewritten) then a block whose channel axis is not decided without example inputs."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.flat = _FlattenedBlock(dim)
+
+    def forward(self, x):
+        x = x + self.fc(x)
+        return self.flat(x)
+
+
+def test_skipped_sites_are_counted_in_one_warning_at_convert():
+    x = torch.randn(2, 3, 8)
+    model = _HalfDecidedNet()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = mhc_rewrite.convert(model)
+    messages = [str(w.message) for w in caught if "residual sites were skipped" in str(w.message)]
+    assert len(messages) == 1, [str(w.message) for w in caught]
+    assert messages[0].startswith("_HalfDecidedNet: 1 of 2 residual sites were skipped")
+    assert "1 channel axis not decided (flat; e.g. " in messages[0] and "mhc_skipped" in messages[0]
+    assert caught[0].filename == __file__  # points at the convert() call
+    assert [s.module_path for s in converted.mhc_skipped] == ["flat"]
+    assert_close(converted(x), model(x), "function_at_init")  # the skipped block still computes the original
+
+
+def test_no_skip_warning_when_every_block_is_rewritten_or_skipped_by_choice():
+    x = torch.randn(2, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        mhc_rewrite.convert(_HalfDecidedNet(), example_inputs=(x,))  # with shapes both blocks are rewritten
+        mhc_rewrite.convert(ResidualMLP())
+        mhc_rewrite.convert(_HalfDecidedNet(), filter_fn=lambda site: site.module_path != "flat")  # the user's skip
