@@ -3,8 +3,8 @@ parameterised op to the residual add.
 
 An axis is followed by **position**, never matched by size: ``permute``, ``transpose``, ``movedim`` and indexing
 say where each input axis goes; a reshape (``view``, ``flatten``, ``unflatten``, ``squeeze``, ...) keeps an axis
-when some output axis has the same size *and* the same product of sizes before it (row-major order is what
-every reshape preserves), and loses it when the reshape merges or splits it. So a stream whose channel count
+when some output axis has the same size *and* the same product of sizes before it, or after it (row-major order
+is what every reshape preserves), and loses it when the reshape merges or splits it. So a stream whose channel count
 equals its height (``[B, 8, 8, 8]``) is followed as surely as any other. Ops without a rule are treated as
 elementwise with broadcasting: the axis keeps its place counted from the end, provided the output has the
 same size there. Without shapes (a graph traced without example inputs) only the rules that need no shape
@@ -218,9 +218,12 @@ def _reshape(node, src, dim, rank, in_shape, out_shape):
         return None
     if in_shape is None or out_shape is None:
         return _needs_rank(node)
-    before, size = math.prod(in_shape[:dim]), in_shape[dim]
-    hits = [b for b in range(len(out_shape))
-            if _equal(out_shape[b], size) and _equal(math.prod(out_shape[:b]), before)]
+    before, size, after = math.prod(in_shape[:dim]), in_shape[dim], math.prod(in_shape[dim + 1:])
+    # the sizes before the axis, or those after it, multiply to the same (a reshape keeps the element count, so
+    # either implies the other): a window partition `[B*W, S, C] -> [B*W, s, S/s, C]` keeps its last axis even where
+    # the symbolic sizes before it are too involved for the products to be compared
+    hits = [b for b in range(len(out_shape)) if _equal(out_shape[b], size)
+            and (_equal(math.prod(out_shape[b + 1:]), after) or _equal(math.prod(out_shape[:b]), before))]
     if len(hits) == 1:
         return hits[0], len(out_shape)
     why = "merges or splits it" if not hits else "leaves it ambiguous (axes of size 1)"
