@@ -2,12 +2,19 @@
 
     torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap ddp --out /tmp/ddp
     torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap fsdp --out /tmp/fsdp
+    torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap pipeline --out /tmp/pp
 
 Every rank builds the same model (same seed), converts it with mhc_rewrite, wraps it (DDP, or FSDP2's
-``fully_shard``) and trains on its half of each global batch. At ``--ckpt-at`` the model and optimizer are saved
+``fully_shard``) and trains on its half of each global batch. With ``--wrap pipeline`` the converted model is cut
+into one stage per rank (``mhc_rewrite.split_stages``: the n-stream tensor crosses the boundary), each wrapped in
+``torch.distributed.pipelining.PipelineStage``, and ``ScheduleGPipe`` runs every global batch as 4 micro-batches;
+each rank saves the gradients of its stage at the first step (``first_grads_rank<r>.pt``).
+
+At ``--ckpt-at`` the model and optimizer are saved
 with ``torch.distributed.checkpoint``; the run goes on uninterrupted. Then a fresh model (another seed) loads the
 checkpoint and trains the remaining steps again. Rank 0 writes ``results.json`` (both loss curves) and, for DDP,
 the gradients of the first step (``first_grads.pt``) so that they can be compared with one process on the full batch.
+(``examples/distributed_hf.py`` does the same with FSDP2 per layer on a converted Hugging Face Llama.)
 """
 
 import argparse
@@ -20,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +37,7 @@ import mhc_rewrite  # noqa: E402
 
 CONFIG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 GLOBAL_BATCH = 8
+MICRO_BATCHES = 4
 
 
 def build(seed: int):
@@ -67,6 +75,46 @@ def train(model, opt, steps, rank, world, on_step=None):
     return losses
 
 
+def pipeline_stage(model, rank, world):
+    """This rank's stage of ``model`` (stage boundaries at the blocks ``h.<k>`` that split the blocks evenly)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    boundaries = [f"h.{k * CONFIG.n_layer // world}" for k in range(1, world)]
+    micro_batch = global_batch(0)[0][: GLOBAL_BATCH // MICRO_BATCHES]
+    module = mhc_rewrite.split_stages(model, micro_batch, boundaries)[rank]
+    return module, PipelineStage(module, rank, world, torch.device("cpu"))
+
+
+def pipeline_losses(output, target):
+    return F.cross_entropy(output.flatten(0, 1), target.flatten())
+
+
+def train_pipeline(stage, opt, steps, rank, world, on_step=None):
+    """Every rank runs its stage on the whole global batch, as ``MICRO_BATCHES`` micro-batches (GPipe); the last
+    stage computes the loss of each micro-batch (their mean is the full batch's loss), broadcast to every rank."""
+    from torch.distributed.pipelining import ScheduleGPipe
+
+    schedule = ScheduleGPipe(stage, n_microbatches=MICRO_BATCHES, loss_fn=pipeline_losses)
+    losses = []
+    for step in steps:
+        x, y = global_batch(step)
+        micro = []
+        opt.zero_grad()
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=y, losses=micro)
+        else:
+            schedule.step()
+        if on_step is not None:
+            on_step(step)
+        opt.step()
+        mean = torch.stack(micro).mean().detach() if rank == world - 1 else torch.zeros(())
+        dist.broadcast(mean, src=world - 1)
+        losses.append(mean.item())
+    return losses
+
+
 def wrap(model, how):
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
@@ -80,7 +128,7 @@ def wrap(model, how):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--wrap", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument("--wrap", choices=("ddp", "fsdp", "pipeline"), default="ddp")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ckpt-at", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -90,25 +138,45 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = wrap(build(seed=0), args.wrap)
+    stages = {}  # --wrap pipeline: the PipelineStage of each stage module
+
+    def make(seed):
+        if args.wrap != "pipeline":
+            return wrap(build(seed), args.wrap)
+        module, stage = pipeline_stage(build(seed), rank, world)
+        stages[module] = stage
+        return module
+
+    def train_run(module, optimizer, steps, on_step=None):
+        if args.wrap == "pipeline":
+            return train_pipeline(stages[module], optimizer, steps, rank, world, on_step)
+        return train(module, optimizer, steps, rank, world, on_step)
+
+    model = make(seed=0)
+    # Pipeline stages hold different parameters: the optimizer's param_groups are keyed by parameter name (a plain
+    # list would be saved once, by rank 0, and be wrong for the other stages).
+    options = StateDictOptions(flatten_optimizer_state_dict=args.wrap == "pipeline")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def on_step(step):
         if step == 0 and args.wrap == "ddp" and rank == 0:
             torch.save({name: p.grad.clone() for name, p in model.module.named_parameters()}, out / "first_grads.pt")
+        if step == 0 and args.wrap == "pipeline":
+            grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+            torch.save(grads, out / f"first_grads_rank{rank}.pt")
 
-    first = train(model, opt, range(args.ckpt_at), rank, world, on_step)
-    model_state, opt_state = get_state_dict(model, opt)
+    first = train_run(model, opt, range(args.ckpt_at), on_step)
+    model_state, opt_state = get_state_dict(model, opt, options=options)
     dcp.save({"model": model_state, "optim": opt_state}, checkpoint_id=str(out / "checkpoint"))
-    uninterrupted = first + train(model, opt, range(args.ckpt_at, args.steps), rank, world)
+    uninterrupted = first + train_run(model, opt, range(args.ckpt_at, args.steps))
 
-    fresh = wrap(build(seed=1), args.wrap)  # other weights: everything must come from the checkpoint
+    fresh = make(seed=1)  # other weights: everything must come from the checkpoint
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    model_state, opt_state = get_state_dict(fresh, fresh_opt)
+    model_state, opt_state = get_state_dict(fresh, fresh_opt, options=options)
     state = {"model": model_state, "optim": opt_state}
     dcp.load(state, checkpoint_id=str(out / "checkpoint"))
-    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    resumed = train(fresh, fresh_opt, range(args.ckpt_at, args.steps), rank, world)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    resumed = train_run(fresh, fresh_opt, range(args.ckpt_at, args.steps))
     if rank == 0:
         (out / "results.json").write_text(json.dumps({"wrap": args.wrap, "world": world,
                                                       "uninterrupted": uninterrupted, "resumed": resumed}))
@@ -118,6 +186,7 @@ def main():
     # (at function exit) joins gloo threads that may wait on a rank that has already left (seen: rank 0 hung at exit).
     dist.barrier()
     model = fresh = opt = fresh_opt = None
+    stages.clear()
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -14,7 +14,7 @@ LAYERS = [
     ["__init__", "__main__"],
     ["cli"],
     ["inspect"],
-    ["backend", "saving"],
+    ["backend", "saving", "stages"],
     ["convert"],  # runs at conversion
     ["region"],  # runs at every call of a converted model
     ["pipeline"],
