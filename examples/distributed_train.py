@@ -3,6 +3,7 @@
     torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap ddp --out /tmp/ddp
     torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap fsdp --out /tmp/fsdp
     torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap pipeline --out /tmp/pp
+    torchrun --standalone --nproc_per_node 2 examples/distributed_train.py --wrap fsdp --model llama --out /tmp/hf
 
 Every rank builds the same model (same seed), converts it with mhc_rewrite, wraps it (DDP, or FSDP2's
 ``fully_shard``) and trains on its half of each global batch. With ``--wrap pipeline`` the converted model is cut
@@ -14,7 +15,8 @@ At ``--ckpt-at`` the model and optimizer are saved
 with ``torch.distributed.checkpoint``; the run goes on uninterrupted. Then a fresh model (another seed) loads the
 checkpoint and trains the remaining steps again. Rank 0 writes ``results.json`` (both loss curves) and, for DDP,
 the gradients of the first step (``first_grads.pt``) so that they can be compared with one process on the full batch.
-(``examples/distributed_hf.py`` does the same with FSDP2 per layer on a converted Hugging Face Llama.)
+``--model llama --wrap fsdp`` does the same with a small Hugging Face Llama (from its config), converted, then
+sharded with FSDP2 per decoder layer and at the root, in mixed precision (bf16 parameters, fp32 gradient reduction).
 """
 
 import argparse
@@ -40,10 +42,19 @@ GLOBAL_BATCH = 8
 MICRO_BATCHES = 4
 
 
-def build(seed: int):
-    """The converted model every run starts from (also used by the tests for the one-process reference)."""
+def build(seed: int, model: str = "gpt"):
+    """The converted model every run starts from (also used by the tests for the one-process reference): the GPT
+    above, or (``model="llama"``) a small Hugging Face Llama from its config (random weights, nothing downloaded)."""
     torch.manual_seed(seed)
-    return mhc_rewrite.convert(GPT(CONFIG), n=4)
+    if model == "gpt":
+        return mhc_rewrite.convert(GPT(CONFIG), n=4)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=CONFIG.vocab_size, hidden_size=CONFIG.n_embd, intermediate_size=2 * CONFIG.n_embd,
+                         num_hidden_layers=CONFIG.n_layer, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=CONFIG.block_size, use_cache=False)
+    local_batch = global_batch(0)[0][: GLOBAL_BATCH // 2]  # what one of 2 ranks sees
+    return mhc_rewrite.convert(LlamaForCausalLM(config), n=4, example_inputs={"input_ids": local_batch})
 
 
 def global_batch(step: int):
@@ -55,7 +66,10 @@ def global_batch(step: int):
 
 
 def loss_on(model, x, y):
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    output = model(x)
+    logits = output.logits if hasattr(output, "logits") else output  # a Hugging Face model returns an output object
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # float32 loss (bf16 logits under FSDP2's
+    # mixed precision: a bf16 loss would round the curves to 3 digits)
 
 
 def train(model, opt, steps, rank, world, on_step=None):
@@ -118,10 +132,18 @@ def train_pipeline(stage, opt, steps, rank, world, on_step=None):
 def wrap(model, how):
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # The converted model is a GraphModule whose forward calls the leaf modules (Linear, LayerNorm) directly, never
-    # the transformer blocks, so per-block fully_shard hooks would never fire: shard the root as one unit.
+    if hasattr(model, "model") and hasattr(model.model, "layers"):  # Hugging Face: per layer, then the root
+        # Each decoder layer is its own unit; the converted region (model.model) gathers the units inside it at
+        # its call (its graph does not call the layers as modules: mhc_rewrite/sharding.py). The mHC parameters
+        # (model.model.mhc.*) belong to the root unit and are sharded like every other parameter.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    # The GPT is sharded at its root, as one unit (its float32 losses then equal DDP's, bitwise on CPU).
     fully_shard(model)
     return model
 
@@ -129,6 +151,8 @@ def wrap(model, how):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wrap", choices=("ddp", "fsdp", "pipeline"), default="ddp")
+    parser.add_argument("--model", choices=("gpt", "llama"), default="gpt",
+                        help="the in-repo GPT, or a small Hugging Face Llama from its config (with --wrap fsdp)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ckpt-at", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -142,7 +166,7 @@ def main():
 
     def make(seed):
         if args.wrap != "pipeline":
-            return wrap(build(seed), args.wrap)
+            return wrap(build(seed, args.model), args.wrap)
         module, stage = pipeline_stage(build(seed), rank, world)
         stages[module] = stage
         return module
@@ -165,6 +189,9 @@ def main():
             grads = {name: p.grad.clone() for name, p in model.named_parameters()}
             torch.save(grads, out / f"first_grads_rank{rank}.pt")
 
+    # what every parameter is after wrapping (FSDP2: a DTensor sharded on dim 0), mHC parameters included
+    sharded = {name: f"{type(p).__name__}{list(getattr(p, 'placements', ()))}" for name, p in model.named_parameters()}
+    units = [name for name, m in model.named_modules() if type(m).__name__.startswith("FSDP")]  # fully_shard's
     first = train_run(model, opt, range(args.ckpt_at), on_step)
     model_state, opt_state = get_state_dict(model, opt, options=options)
     dcp.save({"model": model_state, "optim": opt_state}, checkpoint_id=str(out / "checkpoint"))
@@ -178,7 +205,8 @@ def main():
     set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     resumed = train_run(fresh, fresh_opt, range(args.ckpt_at, args.steps))
     if rank == 0:
-        (out / "results.json").write_text(json.dumps({"wrap": args.wrap, "world": world,
+        (out / "results.json").write_text(json.dumps({"wrap": args.wrap, "model": args.model, "world": world,
+                                                      "sharded": sharded, "units": units,
                                                       "uninterrupted": uninterrupted, "resumed": resumed}))
         print(f"{args.wrap}: losses {[round(v, 4) for v in uninterrupted]}; "
               f"after resuming at step {args.ckpt_at}: {[round(v, 4) for v in resumed]}")

@@ -23,7 +23,7 @@ LAYERS = [
     ["config"],
     ["ops"],
     ["kernels"],
-    ["trace", "specialisation", "kv_cache", "checkpointing", "recompute", "paths", "constants", "errors"],
+    ["trace", "specialisation", "kv_cache", "checkpointing", "sharding", "recompute", "paths", "constants", "errors"],
 ]
 RANK = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 
