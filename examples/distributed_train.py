@@ -11,10 +11,11 @@ into one stage per rank (``mhc_rewrite.split_stages``: the n-stream tensor cross
 ``torch.distributed.pipelining.PipelineStage``, and ``ScheduleGPipe`` runs every global batch as 4 micro-batches;
 each rank saves the gradients of its stage at the first step (``first_grads_rank<r>.pt``).
 
-At ``--ckpt-at`` the model and optimizer are saved
-with ``torch.distributed.checkpoint``; the run goes on uninterrupted. Then a fresh model (another seed) loads the
-checkpoint and trains the remaining steps again. Rank 0 writes ``results.json`` (both loss curves) and, for DDP,
-the gradients of the first step (``first_grads.pt``) so that they can be compared with one process on the full batch.
+At ``--ckpt-at`` the model and optimizer are saved with ``torch.distributed.checkpoint``; the run goes on
+uninterrupted. Then a fresh model (another seed) loads the checkpoint and trains the remaining steps again. Rank 0
+writes ``results.json`` (both loss curves) and, for DDP and FSDP2, the gradients of the first step
+(``first_grads.pt``, FSDP2's gathered from their shards) so that they can be compared with one process on the full
+batch.
 ``--model llama --wrap fsdp`` does the same with a small Hugging Face Llama (from its config), converted, then
 sharded with FSDP2 per decoder layer and at the root, in mixed precision (bf16 parameters, fp32 gradient reduction).
 """
@@ -129,7 +130,7 @@ def train_pipeline(stage, opt, steps, rank, world, on_step=None):
     return losses
 
 
-def wrap(model, how):
+def wrap(model, how, param_dtype=torch.bfloat16):
     if how == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -138,7 +139,7 @@ def wrap(model, how):
         # Each decoder layer is its own unit; the converted region (model.model) gathers the units inside it at
         # its call (its graph does not call the layers as modules: mhc_rewrite/sharding.py). The mHC parameters
         # (model.model.mhc.*) belong to the root unit and are sharded like every other parameter.
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -153,6 +154,8 @@ def main():
     parser.add_argument("--wrap", choices=("ddp", "fsdp", "pipeline"), default="ddp")
     parser.add_argument("--model", choices=("gpt", "llama"), default="gpt",
                         help="the in-repo GPT, or a small Hugging Face Llama from its config (with --wrap fsdp)")
+    parser.add_argument("--param-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="FSDP2's param_dtype for the Llama (reduce_dtype is float32)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ckpt-at", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -166,7 +169,7 @@ def main():
 
     def make(seed):
         if args.wrap != "pipeline":
-            return wrap(build(seed, args.model), args.wrap)
+            return wrap(build(seed, args.model), args.wrap, getattr(torch, args.param_dtype))
         module, stage = pipeline_stage(build(seed), rank, world)
         stages[module] = stage
         return module
@@ -185,6 +188,10 @@ def main():
     def on_step(step):
         if step == 0 and args.wrap == "ddp" and rank == 0:
             torch.save({name: p.grad.clone() for name, p in model.module.named_parameters()}, out / "first_grads.pt")
+        if step == 0 and args.wrap == "fsdp":  # every rank takes part in gathering the shards of each gradient
+            grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+            if rank == 0:
+                torch.save(grads, out / "first_grads.pt")
         if step == 0 and args.wrap == "pipeline":
             grads = {name: p.grad.clone() for name, p in model.named_parameters()}
             torch.save(grads, out / f"first_grads_rank{rank}.pt")
@@ -206,6 +213,7 @@ def main():
     resumed = train_run(fresh, fresh_opt, range(args.ckpt_at, args.steps))
     if rank == 0:
         (out / "results.json").write_text(json.dumps({"wrap": args.wrap, "model": args.model, "world": world,
+                                                      "param_dtype": args.param_dtype,
                                                       "sharded": sharded, "units": units,
                                                       "uninterrupted": uninterrupted, "resumed": resumed}))
         print(f"{args.wrap}: losses {[round(v, 4) for v in uninterrupted]}; "

@@ -71,34 +71,25 @@ def _assign(gm: fx.GraphModule, boundaries: Sequence[str]) -> dict[fx.Node, int]
 
 
 def _placement(gm: fx.GraphModule, owner: dict[fx.Node, int]) -> dict[fx.Node, int]:
-    """Stage of every ``get_attr`` node: its users'. A parameter read by two stages (tied weights, a block applied
-    in both) is refused: each stage would hold a copy and nothing would sum their gradients."""
-    placed = {}
-    for node in gm.graph.nodes:
-        if node.op not in ("get_attr", "call_module"):
-            continue
-        stages = {owner[user] for user in node.users if user in owner}
-        if node.op == "call_module":
-            stages.add(owner[node])
-        if len(stages) > 1:
-            value = _attr(gm, node.target)
-            shared = [n for n, _ in value.named_parameters()] if isinstance(value, nn.Module) else \
-                ([""] if isinstance(value, nn.Parameter) else [])
-            if shared:
+    """Stage of every ``get_attr`` node: its first user's (a buffer read by several stages is read by each; a
+    parameter shared by two stages is refused by :func:`_check_unshared`)."""
+    return {node: min((owner[u] for u in node.users if u in owner), default=0)
+            for node in gm.graph.nodes if node.op == "get_attr"}
+
+
+def _check_unshared(stages: list[fx.GraphModule]) -> None:
+    """Each parameter in one stage only: tied weights (an embedding and the output head) or a block applied in two
+    stages would be held by each with nothing to sum their gradients."""
+    seen: dict[int, tuple[int, str]] = {}
+    for index, stage in enumerate(stages):
+        for name, param in stage.named_parameters(remove_duplicate=False):
+            first = seen.setdefault(id(param), (index, name))
+            if first[0] != index:
                 raise MHCRewriteError(
-                    f"split_stages: {node.target!r} is used by stages {sorted(stages)}: a parameter shared across "
-                    "pipeline stages (tied weights, a weight-shared block) would be held by each stage with no sum "
-                    "of its gradients; untie it, or put its users in one stage")
-        if node.op == "get_attr":
-            placed[node] = min(stages, default=0)
-    return placed
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    value = gm
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
+                    f"split_stages: one parameter is {first[1]!r} in stage {first[0]} and {name!r} in stage {index} "
+                    "(tied weights, or a module used on both sides of a boundary): each stage would hold its own copy "
+                    "and nothing would sum their gradients; untie it, or move the boundary so that one stage holds "
+                    "all its uses")
 
 
 def _crossings(gm: fx.GraphModule, owner: dict[fx.Node, int], count: int) -> list[list[fx.Node]]:
@@ -142,7 +133,7 @@ def _stage_graph(gm: fx.GraphModule, stage: int, count: int, owner, placed, inpu
     for node in gm.graph.nodes:
         mine = owner.get(node) == stage or placed.get(node) == stage
         if node.op == "get_attr" and not mine and any(owner.get(u) == stage for u in node.users):
-            mine = True  # a buffer read by several stages (checked above: not a parameter) is read by each
+            mine = True  # read by several stages: each reads it (a parameter is refused later, _check_unshared)
         if mine:
             env[node] = graph.node_copy(node, env.__getitem__)
         elif node.op == "output" and stage == count - 1:
@@ -234,4 +225,5 @@ def split_stages(model: nn.Module, example_inputs: Any, boundaries: Sequence[str
         stages.append(stage)
         log.info("stage %d of %d: receives %s; %d parameters", index, count,
                  stage.meta["mhc_stage"]["receives"] or "the model's inputs", len(list(stage.parameters())))
+    _check_unshared(stages)
     return stages
