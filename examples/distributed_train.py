@@ -8,7 +8,8 @@
 Every rank builds the same model (same seed), converts it with mhc_rewrite, wraps it (DDP, or FSDP2's
 ``fully_shard``) and trains on its half of each global batch. With ``--wrap pipeline`` the converted model is cut
 into one stage per rank (``mhc_rewrite.split_stages``: the n-stream tensor crosses the boundary), each wrapped in
-``torch.distributed.pipelining.PipelineStage``, and ``ScheduleGPipe`` runs every global batch as 4 micro-batches;
+``torch.distributed.pipelining.PipelineStage``, and ``ScheduleGPipe`` (``--schedule 1f1b``: ``Schedule1F1B``) runs
+every global batch as 4 micro-batches;
 each rank saves the gradients of its stage at the first step (``first_grads_rank<r>.pt``).
 
 At ``--ckpt-at`` the model and optimizer are saved with ``torch.distributed.checkpoint``; the run goes on
@@ -104,12 +105,13 @@ def pipeline_losses(output, target):
     return F.cross_entropy(output.flatten(0, 1), target.flatten())
 
 
-def train_pipeline(stage, opt, steps, rank, world, on_step=None):
-    """Every rank runs its stage on the whole global batch, as ``MICRO_BATCHES`` micro-batches (GPipe); the last
-    stage computes the loss of each micro-batch (their mean is the full batch's loss), broadcast to every rank."""
-    from torch.distributed.pipelining import ScheduleGPipe
+def train_pipeline(stage, opt, steps, rank, world, on_step=None, schedule_name="gpipe"):
+    """Every rank runs its stage on the whole global batch, as ``MICRO_BATCHES`` micro-batches (GPipe or 1F1B); the
+    last stage computes the loss of each micro-batch (their mean is the full batch's loss), broadcast to every rank."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
-    schedule = ScheduleGPipe(stage, n_microbatches=MICRO_BATCHES, loss_fn=pipeline_losses)
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule_name]
+    schedule = kind(stage, n_microbatches=MICRO_BATCHES, loss_fn=pipeline_losses)
     losses = []
     for step in steps:
         x, y = global_batch(step)
@@ -156,6 +158,8 @@ def main():
                         help="the in-repo GPT, or a small Hugging Face Llama from its config (with --wrap fsdp)")
     parser.add_argument("--param-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="FSDP2's param_dtype for the Llama (reduce_dtype is float32)")
+    parser.add_argument("--schedule", choices=("gpipe", "1f1b"), default="gpipe",
+                        help="the pipeline schedule (ScheduleGPipe or Schedule1F1B), with --wrap pipeline")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ckpt-at", type=int, default=3)
     parser.add_argument("--out", required=True)
@@ -176,7 +180,7 @@ def main():
 
     def train_run(module, optimizer, steps, on_step=None):
         if args.wrap == "pipeline":
-            return train_pipeline(stages[module], optimizer, steps, rank, world, on_step)
+            return train_pipeline(stages[module], optimizer, steps, rank, world, on_step, args.schedule)
         return train(module, optimizer, steps, rank, world, on_step)
 
     model = make(seed=0)

@@ -83,13 +83,14 @@ def test_fsdp2_trains_and_resumes_like_ddp(runs):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    return _torchrun("pipeline", out), out
+def pipeline_runs(tmp_path_factory):
+    """A 2-stage pipeline run per schedule: ``{schedule: (results, output folder)}``."""
+    outs = {schedule: tmp_path_factory.mktemp(f"pipeline_{schedule}") for schedule in ("gpipe", "1f1b")}
+    return {schedule: (_torchrun("pipeline", out, "--schedule", schedule), out) for schedule, out in outs.items()}
 
 
-def test_pipeline_two_stages_equal_one_process_on_the_full_batch(pipeline_run):
-    results, out = pipeline_run
+def test_pipeline_two_stages_equal_one_process_on_the_full_batch(pipeline_runs):
+    results, out = pipeline_runs["gpipe"]
     assert results["world"] == 2
     stage_grads = [torch.load(out / f"first_grads_rank{rank}.pt") for rank in range(2)]
     assert not set(stage_grads[0]) & set(stage_grads[1])  # each parameter in one stage
@@ -106,6 +107,17 @@ def test_pipeline_two_stages_equal_one_process_on_the_full_batch(pipeline_run):
         assert_close(grads[name], p.grad, "pipeline", msg=name)
     assert results["resumed"] == results["uninterrupted"][3:]  # exact: each stage resumes from its own keys
     assert results["uninterrupted"][-1] < results["uninterrupted"][0] - 0.3  # it learns
+
+
+def test_pipeline_1f1b_computes_what_gpipe_does(pipeline_runs):
+    """Another order of the same micro-batch steps, the same sums per parameter in the same order: bitwise equal."""
+    (gpipe, gpipe_out), (one_f_one_b, one_f_one_b_out) = pipeline_runs["gpipe"], pipeline_runs["1f1b"]
+    assert one_f_one_b["uninterrupted"] == gpipe["uninterrupted"]
+    for rank in range(2):
+        want, got = (torch.load(out / f"first_grads_rank{rank}.pt") for out in (gpipe_out, one_f_one_b_out))
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
 
 
 @pytest.fixture(scope="module")
