@@ -61,6 +61,13 @@ def main():
     saved["lowered"], saved["eager"] = lowered(idx[:, :-1]).detach(), converted(idx[:, :-1]).detach()
     print("lowered output matches:", torch.allclose(saved["lowered"], saved["eager"], atol=1e-5))
 
+    # 5b. pipeline stages (one per rank under torch.distributed.pipelining: examples/distributed_train.py); chained
+    # here in one process, they compute the model: the n-stream tensor crosses the boundary
+    first, second = mhc_rewrite.split_stages(converted, idx[:, :-1], ["h.2"])
+    streams = first(idx[:, :-1])
+    print(f"stage 0 sends the streams {tuple(streams.shape)}; stage 1 holds {len(second.state_dict())} tensors")
+    saved["staged"] = second(streams).detach()
+
     # 6. compile: lowers the mHC ops to the fused Triton kernels (CUDA) and compiles with Inductor
     if args.compile:
         compiled = torch.compile(converted, backend="mhc", fullgraph=True)

@@ -16,8 +16,9 @@ from .recompute import recompute_streams
 from .region import converted_graph, lower
 from .saving import from_pretrained
 from .site_params import MHCSiteParams
+from .stages import split_stages
 
 __all__ = ["MHCConfig", "MHCRewriteError", "MHCSiteParams", "SiteInfo", "TraceError", "compile", "convert",
            "converted_graph", "explain", "find_residuals", "from_pretrained", "lower", "recompute_streams",
-           "stream_diagnostics"]
+           "split_stages", "stream_diagnostics"]
 __version__ = "0.1.0"

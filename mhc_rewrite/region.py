@@ -45,6 +45,7 @@ from .kv_cache import CACHE_INPUT, CachePlan, cache_layout, is_cache, traced_for
 from .paths import absolute
 from .pipeline import lower as lower_graph
 from .pipeline import rewrite_call
+from .sharding import unit_hooks_off, units_gathered
 from .specialisation import call_key, sizes_match, static_sizes
 from .trace import flatten_inputs, trace_call, without_cache
 
@@ -226,6 +227,10 @@ class ConvertedRegion(nn.Module):
     """Mixin placed before the user's class: ``forward`` runs the graph of the call's specialisation."""
 
     def forward(self, *args, **kwargs):
+        with units_gathered(self, torch.is_grad_enabled()):  # FSDP2 per layer: see mhc_rewrite/sharding.py
+            return self._mhc_forward(args, kwargs)
+
+    def _mhc_forward(self, args: tuple, kwargs: dict):
         cached = _cache_call(self, args, kwargs)
         if cached is not None:
             output = _run_cached(self, *cached)
@@ -283,7 +288,7 @@ def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict, cache=None
     # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
     # the caller's autocast applies when the graph runs, not while it is traced.
     with original_module(region), torch.autograd.graph.saved_tensors_hooks(_same, _same), _no_autocast(), \
-            record_checkpoints(region) as recorder, _cache_forward(region, kwargs, cache):
+            record_checkpoints(region) as recorder, _cache_forward(region, kwargs, cache), unit_hooks_off(region):
         gm = trace_call(region, args, kwargs, recorder=recorder)
     tags = sorted({n.meta["checkpoint_call"] for n in gm.graph.nodes if "checkpoint_call" in n.meta})
     units = tags or recorder.units  # symbolic traces tag the nodes made inside each checkpoint call

@@ -14,7 +14,7 @@ LAYERS = [
     ["__init__", "__main__"],
     ["cli"],
     ["inspect"],
-    ["backend", "saving"],
+    ["backend", "saving", "stages"],
     ["convert"],  # runs at conversion
     ["region"],  # runs at every call of a converted model
     ["pipeline"],
@@ -23,7 +23,7 @@ LAYERS = [
     ["config"],
     ["ops"],
     ["kernels"],
-    ["trace", "specialisation", "kv_cache", "checkpointing", "recompute", "paths", "constants", "errors"],
+    ["trace", "specialisation", "kv_cache", "checkpointing", "sharding", "recompute", "paths", "constants", "errors"],
 ]
 RANK = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

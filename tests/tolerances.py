@@ -58,6 +58,10 @@ TOLERANCES: dict[tuple[str, torch.dtype], Tolerance] = {
     ("data_parallel", F32): Tolerance(
         1e-5, 4.0e-7, "DDP's averaged gradients (2 processes) vs one process on the full batch: float32 sums in "
                       "another order; 25x margin (measured once, by the distributed test's own runs)"),
+    ("pipeline", F32): Tolerance(
+        1e-5, 6.0e-7, "a 2-stage pipeline (GPipe, 4 micro-batches, gloo) vs one process on the full batch: the loss "
+                      "and every gradient, float32 sums over micro-batches in another order; 16x margin (measured by "
+                      "the distributed test's own runs, 2026-12-06)"),
     ("function_at_init", F32): Tolerance(
         1e-5, 1.1e-6, "converted model at identity init vs the original, float32 (the design's promise); 10x margin "
                       "(the worst: the UNet-ish channel-axis model; most models 1e-7..4e-7)"),

@@ -71,6 +71,7 @@ def test_api_tour_runs(tmp_path):
     assert_close(torch.tensor(saved["gain"][0]), torch.tensor(1.0), "coefficients")  # rows of H_res sum to 1
     assert_close(saved["compiled"], saved["eager"], "same_math")
     assert_close(saved["lowered"], saved["eager"], "same_math")
+    assert torch.equal(saved["staged"], saved["eager"])  # two pipeline stages chained: the same ops in the same order
 
 
 def test_finetune_hf_example_saves_a_model_that_loads_back_and_generates_the_same(tmp_path):
