@@ -85,11 +85,30 @@ def from_pretrained(model_or_class: Any, path: str | Path, example_inputs: Any =
     found = region_state(converted).path
     if region != found:
         raise MHCRewriteError(f"the saved model was converted at region {region!r}, this conversion found {found!r}")
-    tensors = _read_mhc_tensors(directory)
-    expected = {name for name, _ in converted.named_parameters() if name.startswith("mhc.") or ".mhc." in name}
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+    saved = _read_mhc_tensors(directory)
+    expected = [name for name, _ in converted.named_parameters() if name.startswith("mhc.") or ".mhc." in name]
+    keys = {name: _saved_key(converted, name, saved) for name in expected}
+    if set(keys.values()) != set(saved):
+        missing = sorted(name for name, key in keys.items() if key not in saved)[:5]
+        unexpected = sorted(set(saved) - set(keys.values()))[:5]
         raise MHCRewriteError(f"the saved mHC parameters do not match this conversion: missing {missing}, "
                               f"unexpected {unexpected}")
-    converted.load_state_dict(tensors, strict=False)
+    converted.load_state_dict({name: saved[key] for name, key in keys.items()}, strict=False)
     return converted
+
+
+def _saved_key(model: nn.Module, name: str, saved: dict[str, torch.Tensor]) -> str:
+    """The key ``save_pretrained`` wrote for parameter ``name``.
+
+    Transformers renames keys on saving by regular expressions written for the model's own modules (Mixtral:
+    ``.mlp.`` -> ``.block_sparse_moe.``), and they also match mHC names (``layers_0_mlp.phi``); the renaming is
+    not undone on loading as it was done. The same renaming, applied here to the name, finds the saved key.
+    """
+    if name in saved:
+        return name
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers before 5 renames nothing on saving
+        return name
+    (renamed,) = revert_weight_conversion(model, {name: torch.empty(0)})
+    return renamed

@@ -191,3 +191,23 @@ def test_a_strided_input_then_another_length():
     with torch.no_grad():
         for x in (ids[:, :12], ids):  # a strided view, then a contiguous tensor one token longer
             assert rel_err(converted(input_ids=x).logits, original(input_ids=x).logits) <= TOL
+
+
+def test_save_pretrained_round_trips_when_transformers_renames_keys(tmp_path):
+    """Mixtral's save-time renaming (``.mlp.`` -> ``.block_sparse_moe.``, a regular expression) also hits the mHC
+    names of its expert sites (``layers_0_mlp.phi``); loading must find them under the name they were saved as."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    converted = mhc_rewrite.convert(transformers.MixtralForCausalLM(config), n=4, example_inputs=(ids,)).eval()
+    names = [name for name, _ in converted.named_parameters() if ".mhc." in name]
+    assert any("mlp" in name for name in names), names  # the expert blocks have sites
+    with torch.no_grad():
+        for name in names:
+            converted.get_parameter(name).add_(0.1 * torch.randn_like(converted.get_parameter(name)))
+    want = converted(input_ids=ids).logits
+    converted.save_pretrained(tmp_path)
+    loaded = mhc_rewrite.from_pretrained(transformers.MixtralForCausalLM, tmp_path).eval()
+    assert torch.equal(loaded(input_ids=ids).logits, want)
