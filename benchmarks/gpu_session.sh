@@ -4,7 +4,9 @@
 #      (Inductor schedules the kernels; results against float64);
 #   2. benchmarks/mhc_bench.py's kernel section (16384 tokens, n=4, C=4096, bf16; against a device copy and Liger);
 #   3. benchmarks/kernel_blocks.py (block sizes of the pre-mix kernels);
-#   4. mhc_bench's end-to-end section (a GPT-2-small-sized model, torch.compile, plain against mHC n=4).
+#   4. mhc_bench's end-to-end section (a GPT-2-small-sized model, torch.compile, plain against mHC n=4);
+#   5. one summary, $OUT/results/gpu/<date>-<device>.json (mhc_bench.py --merge): the issue's fields and each target
+#      with its limit scaled by the copy bandwidth of the same run; copy it into results/gpu/ and commit it.
 # Results go to $OUT (the device tool brings them back). Carry .whl (a liger-kernel wheel) for the Liger rows.
 # Stage limits (seconds; env TESTS_S, KERNELS_S, BLOCKS_S, E2E_S) sum to 540: give the call timeout_s 560. Seen on a
 # cold H200 (2026-11-26): the tests took 39 s on one machine and over 55 s on another (Triton compiles per variant).
@@ -29,3 +31,8 @@ run "${KERNELS_S:-180}" python3 benchmarks/mhc_bench.py --skip-e2e --out "$OUT/k
 run "${BLOCKS_S:-90}" python3 benchmarks/kernel_blocks.py 2>&1 | tee "$OUT/blocks.log"
 run "${E2E_S:-120}" python3 benchmarks/mhc_bench.py --skip-kernels --layers 12 --embd 768 --seq 1024 --batch 8 \
     --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
+slug=$(python3 -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+mkdir -p "$OUT/results/gpu"
+python3 benchmarks/mhc_bench.py --merge "$OUT/kernels.json" "$OUT/e2e.json" \
+    --out "$OUT/results/gpu/$(date -u +%F)-$slug.json" > "$OUT/summary.log" 2>&1
+echo "summary rc=$?: $OUT/results/gpu/$(date -u +%F)-$slug.json"
