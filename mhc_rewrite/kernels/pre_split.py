@@ -176,12 +176,18 @@ def _tail(
 
 # --- launchers ---------------------------------------------------------------------------------------------------
 
-# Defaults, not yet measured on a GPU: the projection's tiles are 64 tokens x 64 of K per step, SPLIT_K aims at ~1024
-# programs; the tail takes 16 tokens (its Sinkhorn tile is [BLOCK_T, MP, MP]) and 128 channels per step; the
-# backward's dx/d_phi kernel 64 tokens x 64 of K per step, SPLIT_M aims at ~1024 programs.
-PROJECT_BLOCKS = dict(block_m=64, block_k=64, programs=1024, num_warps=4)
-TAIL_BLOCKS = dict(block_t=16, block_c=128, num_warps=4)
-DX_BLOCKS = dict(block_m=64, block_k=64, programs=1024, num_warps=4)
+# Defaults by the padded logit width MP (``padded_width(n)``: 16 for n <= 3, 32 for n = 4, 128 for n = 8), chosen
+# without a GPU from ptxas's registers and spills for sm_90 (``compile_for_gpu.py --sweep``, BENCHMARKS.md): the
+# largest tiles tried that spill nothing. The accumulators are [BLOCK_M, MP] (two of them with d_y) and the tail's
+# Sinkhorn tile is [BLOCK_T, MP, MP], so both shrink as MP grows. SPLIT_K / SPLIT_M aim at ~1024 programs. Not yet
+# timed on a GPU.
+def default_blocks(n: int) -> tuple[dict, dict, dict]:
+    """``(project, tail, dx)`` blocks for ``n`` streams."""
+    mp = padded_width(n)
+    project = dict(block_m=64 if mp <= 32 else 32, block_k=32, programs=1024, num_warps=4)
+    tail = dict(block_t=min(16, max(1, 8192 // (mp * mp))), block_c=128, num_warps=4)
+    dx = dict(block_m=min(32, 2048 // mp), block_k=32, programs=1024, num_warps=4)
+    return project, tail, dx
 
 
 def _block_k(C: int, block_k: int) -> int:
@@ -232,7 +238,7 @@ def pre_mix_split_fwd(streams, phi, alpha, bias, n, iters, mode, precision="spli
         alpha: ``[3]``.  bias: ``[n²+2n]``.  iters: Sinkhorn rounds.  mode: "mhc" or "hc".
         precision: the projection's products (``tf32.py``): "split" (default), "tf32", "ieee".
         emulate_tf32: truncate TF32 operands as the tensor core does (for the interpreter's tests).
-        project_blocks / tail_blocks: overrides of ``PROJECT_BLOCKS`` / ``TAIL_BLOCKS`` (``split_k`` may be given).
+        project_blocks / tail_blocks: overrides of ``default_blocks(n)`` (``split_k`` may be given).
 
     Returns:
         ``(y [..., C] in the streams' dtype, h_pre [..., n], h_post [..., n], h_res [..., n, n])``, coefficients
@@ -244,9 +250,10 @@ def pre_mix_split_fwd(streams, phi, alpha, bias, n, iters, mode, precision="spli
     assert phi.shape == (n * C, n * n + 2 * n) and phi.dtype == torch.float32 and phi.is_contiguous()
     x = streams.reshape(-1, n, C).contiguous()
     T = x.shape[0]
+    project, tail, _ = default_blocks(n)
     part, _, scale, sumsq, split_k = projection(x, phi, None, n, precision, emulate_tf32,
-                                                {**PROJECT_BLOCKS, **(project_blocks or {})})
-    tb = {**TAIL_BLOCKS, **(tail_blocks or {})}
+                                                {**project, **(project_blocks or {})})
+    tb = {**tail, **(tail_blocks or {})}
     block_c = min(tb["block_c"], triton.next_power_of_2(C))
     f32 = dict(device=x.device, dtype=torch.float32)
     y = torch.empty((T, C), device=x.device, dtype=x.dtype)
@@ -258,4 +265,4 @@ def pre_mix_split_fwd(streams, phi, alpha, bias, n, iters, mode, precision="spli
     return y.reshape(*lead, C), h_pre.reshape(*lead, n), h_post.reshape(*lead, n), h_res.reshape(*lead, n, n)
 
 
-__all__ = ["DX_BLOCKS", "PROJECT_BLOCKS", "TAIL_BLOCKS", "pre_mix_split_fwd", "projection", "split_k_of", "supports"]
+__all__ = ["default_blocks", "pre_mix_split_fwd", "projection", "split_k_of", "supports"]

@@ -21,7 +21,7 @@ from torch.library import wrap_triton
 
 from ..constants import RMS_EPS
 from .layout import flat_layout, gains, group_matrices, normalise, sinkhorn_first_round, tanh
-from .pre_split import DX_BLOCKS, PROJECT_BLOCKS, TAIL_BLOCKS, padded_width, projection, sum_partials, supports
+from .pre_split import default_blocks, padded_width, projection, sum_partials, supports
 from .tf32 import TF32_EXACT, dot
 
 
@@ -175,7 +175,8 @@ def pre_mix_split_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
         grad_acc: optional ``[..., n, C]`` gradient of the streams from elsewhere (the post-mix's, say), any float
             dtype, added inside the dx kernel in float32: the streams' gradient is then written once, in the streams'
             dtype, instead of being summed by autograd from two tensors.
-        precision, emulate_tf32, *_blocks: as in the forward (``dx_blocks``: ``DX_BLOCKS``, ``split_m`` may be given).
+        precision, emulate_tf32, *_blocks: as in the forward (``dx_blocks``: the third of ``default_blocks(n)``;
+            ``split_m`` may be given).
         fuse_dx_dphi: False runs dx and d_phi as two kernels (two reads of X).
 
     Returns:
@@ -191,9 +192,10 @@ def pre_mix_split_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
     def rows(g, width):
         return torch.zeros((T, width), **f32) if g is None else g.reshape(T, width).float().contiguous()
 
+    project, tail, dx = default_blocks(n)
     part, gpart, scale, sumsq, split_k = projection(x, phi, dy, n, precision, emulate_tf32,
-                                                    {**PROJECT_BLOCKS, **(project_blocks or {})})
-    tb = {**TAIL_BLOCKS, **(tail_blocks or {})}
+                                                    {**project, **(project_blocks or {})})
+    tb = {**tail, **(tail_blocks or {})}
     programs = triton.cdiv(T, tb["block_t"])
     du = torch.empty((T, mp), **f32)
     dr, inv_rms = torch.empty(T, **f32), torch.empty(T, **f32)
@@ -204,7 +206,7 @@ def pre_mix_split_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
         rows(d_h_post, n), rows(d_h_res, n * n), du, dr, inv_rms, d_bias_part, d_gain_part, scratch, T, C, split_k,
         EPS=RMS_EPS, N=n, MP=mp, ITERS=iters, MODE=0 if mode == "mhc" else 1, BLOCK_T=tb["block_t"],
         num_warps=tb["num_warps"])
-    db = {**DX_BLOCKS, **(dx_blocks or {})}
+    db = {**dx, **(dx_blocks or {})}
     split_m, t_per_split = split_m_of(T, K, db)
     d_x = torch.empty_like(x)
     d_phi_part = torch.empty((split_m, K, mp), **f32)

@@ -7,6 +7,7 @@ through ``triton.compile`` (front end, LLVM and the ptxas bundled with triton) i
 process of its own: TRITON_INTERPRET must be 0 at import.
 
     TRITON_INTERPRET=0 python tests/kernels/compile_for_gpu.py
+    TRITON_INTERPRET=0 python tests/kernels/compile_for_gpu.py --sweep   # the split pair's blocks: regs and spills
 """
 
 import json
@@ -102,5 +103,41 @@ def main():
                                                      torch.rand(T, n, n), n, 20, "mhc")
 
 
+def sweep():
+    """The split pre-mix kernels at candidate blocks and warps, each line with its ptxas registers and spills
+    (``--sweep``; implies ``--resources``): what the defaults in ``pre_split.py`` were chosen from."""
+    pre_split.wrap_triton = pre_split_backward.wrap_triton = _Compile
+    T, C = 32, 256
+    for n, dtype in ((4, torch.bfloat16), (8, torch.float16)):
+        m = n * n + 2 * n
+        x, f = torch.randn(T, n, C, dtype=dtype), torch.randn(T, C, dtype=dtype)
+        phi, alpha, bias = torch.randn(n * C, m), torch.randn(3), torch.randn(m)
+        for block_m, block_k, warps in ((64, 64, 4), (64, 64, 8), (32, 64, 4), (64, 32, 4), (32, 32, 4)):
+            print(f"# n={n} _project fwd num_warps={warps}", flush=True)
+            pre_split.projection(x, phi, None, n, "split", False,
+                                 dict(block_m=block_m, block_k=block_k, programs=1024, num_warps=warps))
+            if n == 4:
+                print(f"# n={n} _project WITH_DY num_warps={warps}", flush=True)
+                pre_split.projection(x, phi, f, n, "split", False,
+                                     dict(block_m=block_m, block_k=block_k, programs=1024, num_warps=warps))
+        tails = ((16, 128, 4), (16, 64, 4), (8, 128, 4), (16, 128, 8)) if n == 4 else (
+            (4, 128, 4), (2, 128, 4), (1, 128, 4), (4, 64, 8))
+        dxs = ((64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 64, 4), (32, 32, 4)) if n == 4 else ((64, 32, 4),)
+        for block_m, block_k, warps in dxs:
+            print(f"# n={n} backward: _dx_dphi num_warps={warps} (and _project WITH_DY, _tail_backward)", flush=True)
+            pre_split_backward.pre_mix_split_bwd(
+                x, phi, alpha, bias, torch.rand(T, n), f, None, torch.rand(T, n), torch.rand(T, n, n), n, 20, "mhc",
+                project_blocks=dict(block_m=64, block_k=32), tail_blocks=dict(block_t=8 if n == 4 else 1),
+                dx_blocks=dict(block_m=block_m, block_k=block_k, programs=1024, num_warps=warps))
+        for block_t, block_c, warps in tails:
+            print(f"# n={n} _tail num_warps={warps}", flush=True)
+            pre_split.pre_mix_split_fwd(x, phi, alpha, bias, n, 20, "mhc", project_blocks=dict(block_m=64),
+                                        tail_blocks=dict(block_t=block_t, block_c=block_c, num_warps=warps))
+
+
 if __name__ == "__main__":
-    main()
+    if "--sweep" in sys.argv:
+        RESOURCES = True
+        sweep()
+    else:
+        main()
