@@ -1,5 +1,7 @@
 """Block sizes of the fused pre-mix kernels on a GPU: time the forward and backward launchers at the benchmark shape
-(16384 tokens, n=4, C=4096, bf16) for a few (BLOCK_T, BLOCK_C), and the backward's parts (kernel, d_phi matmul).
+(16384 tokens, n=4, C=4096, bf16) for a few (BLOCK_T, BLOCK_C, num_warps), and the backward's parts (kernel, d_phi
+matmul). The 8-warp rows are the ones ptxas says spill (almost) nothing at the measured-fastest tile
+(tests/kernels/compile_for_gpu.py --sweep-one-pass; BENCHMARKS.md).
 
     python benchmarks/kernel_blocks.py        # needs CUDA
 """
@@ -19,16 +21,17 @@ def main():
     X, d_y, phi, alpha, bias = kernel_inputs(T, n, C, torch.bfloat16, "cuda")  # the branch's shape serves as d_y
     d_post, d_res = torch.randn(T, n, device="cuda"), torch.randn(T, n, n, device="cuda")
     h_pre = fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc")[1]
-    print(f"{'BLOCK_T':>8}{'BLOCK_C':>8}{'fwd ms':>10}{'bwd ms':>10}")
-    for block_t in (16, 32, 64):
-        for block_c in (32, 64):  # 64 is the largest the shared-memory cap allows at n=4
-            try:
-                fwd = ms(lambda: fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc", block_t, block_c))
-                bwd = ms(lambda: fused_pre_mix_bwd(X, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, "mhc",
-                                                   block_t, block_c))
-                print(f"{block_t:>8}{block_c:>8}{fwd:>10.3f}{bwd:>10.3f}", flush=True)
-            except Exception as exc:  # too large for shared memory or registers
-                print(f"{block_t:>8}{block_c:>8}  failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    print(f"{'BLOCK_T':>8}{'BLOCK_C':>8}{'warps':>6}{'fwd ms':>10}{'bwd ms':>10}")
+    # BLOCK_C 64 is the largest the shared-memory cap allows at n=4
+    for block_t, block_c, warps in ((32, 32, 4), (32, 32, 8), (32, 16, 4), (32, 16, 8), (16, 64, 8), (16, 32, 4),
+                                    (16, 64, 4), (64, 32, 8)):
+        try:
+            fwd = ms(lambda: fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc", block_t, block_c, warps))
+            bwd = ms(lambda: fused_pre_mix_bwd(X, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, "mhc",
+                                               block_t, block_c, warps))
+            print(f"{block_t:>8}{block_c:>8}{warps:>6}{fwd:>10.3f}{bwd:>10.3f}", flush=True)
+        except Exception as exc:  # too large for shared memory or registers
+            print(f"{block_t:>8}{block_c:>8}{warps:>6}  failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
     x32 = X.reshape(T, n * C)
     du = torch.randn(T, n * n + 2 * n, device="cuda")
     print(f"d_phi = vec(X)^T @ du alone (float copy + matmul): {ms(lambda: x32.float().T @ du):.3f} ms")

@@ -245,7 +245,8 @@ def _blocks(C: int, n: int, block_t: int, block_c: int):
     return block_t, min(block_c, fit, triton.next_power_of_2(C))
 
 
-def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, block_t=BLOCK_T, block_c=BLOCK_C):
+def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, block_t=BLOCK_T, block_c=BLOCK_C,
+                      num_warps=4):
     """Launch the forward. ``streams [..., n, C]``; dynamic when ``phi`` is given, else ``h_pre_static [n]``.
 
     Returns ``(y [..., C], h_pre, h_post, h_res)`` (coefficients float32, ``[..., n]``/``[..., n, n]``;
@@ -271,7 +272,7 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
     grid = (triton.cdiv(T, block_t),)
     wrap_triton(_fused_pre_mix_fwd)[grid](
         x, *args, y, h_pre, h_post, h_res, T, C, EPS=RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters,
-        MODE=0 if mode == "mhc" else 1, DYNAMIC=dynamic, BLOCK_T=block_t, BLOCK_C=block_c)
+        MODE=0 if mode == "mhc" else 1, DYNAMIC=dynamic, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps)
     y = y.reshape(*lead, C)
     if not dynamic:
         return y, h_pre_static, None, None
@@ -279,7 +280,7 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
 
 
 def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, iters, mode,
-                      block_t=BLOCK_T, block_c=BLOCK_C):
+                      block_t=BLOCK_T, block_c=BLOCK_C, num_warps=4):
     """Launch the backward of the dynamic fused op; returns ``(d_streams, d_phi, d_alpha, d_bias)``."""
     lead, C = streams.shape[:-2], streams.shape[-1]
     x = streams.reshape(-1, n, C).contiguous()
@@ -298,7 +299,7 @@ def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
         x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n), d_y.reshape(T, C).contiguous(),
         rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n), d_x, du, d_logits, d_gain, scratch, T, C,
         EPS=RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1,
-        BLOCK_T=block_t, BLOCK_C=block_c)
+        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps)
     d_phi = x.reshape(T, n * C).float().T @ du
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=1)])
     d_bias = d_logits.sum(0)

@@ -8,6 +8,7 @@ process of its own: TRITON_INTERPRET must be 0 at import.
 
     TRITON_INTERPRET=0 python tests/kernels/compile_for_gpu.py
     TRITON_INTERPRET=0 python tests/kernels/compile_for_gpu.py --sweep   # the split pair's blocks: regs and spills
+    TRITON_INTERPRET=0 python tests/kernels/compile_for_gpu.py --sweep-one-pass   # the one-pass pair's
 """
 
 import json
@@ -103,6 +104,20 @@ def main():
                                                      torch.rand(T, n, n), n, 20, "mhc")
 
 
+def sweep_one_pass():
+    """The one-pass pre-mix kernels (the default path) at candidate blocks and warps (``--sweep-one-pass``)."""
+    fused_pre.wrap_triton = _Compile
+    T, C, n = 32, 256, 4
+    m = n * n + 2 * n
+    x, f = torch.randn(T, n, C, dtype=torch.bfloat16), torch.randn(T, C, dtype=torch.bfloat16)
+    phi, alpha, bias = torch.randn(n * C, m), torch.randn(3), torch.randn(m)
+    for block_t, block_c, warps in ((32, 32, 4), (32, 32, 8), (16, 32, 4), (32, 16, 4), (16, 64, 4), (16, 64, 8)):
+        print(f"# n={n} one-pass num_warps={warps}", flush=True)
+        fused_pre.fused_pre_mix_fwd(x, phi, alpha, bias, None, n, 20, "mhc", block_t, block_c, warps)
+        fused_pre.fused_pre_mix_bwd(x, phi, alpha, bias, torch.rand(T, n), f, None, torch.rand(T, n),
+                                    torch.rand(T, n, n), n, 20, "mhc", block_t, block_c, warps)
+
+
 def sweep():
     """The split pre-mix kernels at candidate blocks and warps, each line with its ptxas registers and spills
     (``--sweep``; implies ``--resources``): what the defaults in ``pre_split.py`` were chosen from."""
@@ -139,5 +154,8 @@ if __name__ == "__main__":
     if "--sweep" in sys.argv:
         RESOURCES = True
         sweep()
+    elif "--sweep-one-pass" in sys.argv:
+        RESOURCES = True
+        sweep_one_pass()
     else:
         main()
