@@ -56,8 +56,10 @@ def test_another_shape_or_a_missing_stage_judges_nothing():
     assert summary["kernel_targets_apply"] is False
     assert all(met is None for _, met in _met(summary).values())  # and no end-to-end stage came back
     e2e = {"e2e": {"config": {}, "batch": 8, "step_overhead": 0.1,
-                   "baseline": {"step_ms": 100.0}, "mhc": {"step_ms": 110.0, "graph_breaks": 0,
+                   "baseline": {"step_ms": 100.0}, "mhc": {"step_ms": 110.0, "graph_breaks": 2,
+                                                         "graph_breaks_after_warm_up": 0,
                                                          "recompiles_after_warm_up": 1}}}
     met = _met(mhc_bench.summary([_kernels(tiny, 20.0), e2e]))
     assert met["e2e step overhead (fraction)"] == (0.15, True)
     assert met["e2e recompiles after warm-up"] == (0, False)
+    assert met["e2e graph breaks after warm-up"] == (0, True)  # the 2 of the warm-up (region traced) are not judged
