@@ -1,7 +1,7 @@
 """Block sizes of the fused pre-mix kernels on a GPU: time the forward and backward launchers at the benchmark shape
 (16384 tokens, n=4, C=4096, bf16) for a few (BLOCK_T, BLOCK_C, num_warps), and the backward's parts (kernel, d_phi
-matmul). The 8-warp rows are the ones ptxas says spill (almost) nothing at the measured-fastest tile
-(tests/kernels/compile_for_gpu.py --sweep-one-pass; BENCHMARKS.md).
+matmul). At the tile measured fastest (32 x 32), ptxas says 8 warps take the backward's spills from 1144 to 12 bytes
+(tests/kernels/compile_for_gpu.py --sweep-one-pass; BENCHMARKS.md); the other rows are candidates around it.
 
     python benchmarks/kernel_blocks.py        # needs CUDA
 """

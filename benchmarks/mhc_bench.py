@@ -216,11 +216,12 @@ def e2e_section(args, device):
         step()  # warm-up ends after two steps (AdamW's state exists from the first)
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         step_ms = 1e3 * timed(step, device, repeats=10)
+        total_breaks = sum(counters["graph_break"].values())
         results[variant] = {"step_ms": step_ms, "first_step_s": compile_s,
                             "parameters": sum(p.numel() for p in model.parameters()),
-                            "graphs_at_warm_up": graphs, "graph_breaks": sum(counters["graph_break"].values()),
+                            "graphs_at_warm_up": graphs, "graph_breaks": total_breaks,
                             # the first call of a converted model traces its region: a break at warm-up, by design
-                            "graph_breaks_after_warm_up": sum(counters["graph_break"].values()) - breaks,
+                            "graph_breaks_after_warm_up": total_breaks - breaks,
                             "recompiles_after_warm_up": counters["stats"]["unique_graphs"] - graphs}
     results["step_overhead"] = results["mhc"]["step_ms"] / results["baseline"]["step_ms"] - 1
     return results

@@ -26,7 +26,6 @@ object is dropped (a filled one is an error).
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import logging
 import time
@@ -48,7 +47,7 @@ from .pipeline import lower as lower_graph
 from .pipeline import rewrite_call
 from .sharding import unit_hooks_off, units_gathered
 from .specialisation import call_key, sizes_match, static_sizes
-from .trace import flatten_inputs, trace_call, without_cache
+from .trace import flatten_inputs, forward_names, trace_call, without_cache
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +128,6 @@ def _drop_cache(region: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     return args, kwargs
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_names(forward) -> tuple[str, ...]:
-    """The parameter names of a class's ``forward`` (read at every call of a converted model: inspect is slow)."""
-    return tuple(name for name in inspect.signature(forward).parameters if name != "self")
-
-
 def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[dict, str, object]]:
     """``(keywords, cache keyword, cache)`` for a call that runs with a key-value cache, else None (the call runs
     without one, :func:`_drop_cache`). A call carries a cache when it passes one, or, in eval mode, when it asks for
@@ -142,7 +135,7 @@ def _cache_call(region: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[
     ``can_generate()``; it is given a ``DynamicCache``, an ``EncoderDecoderCache`` of two for an encoder-decoder, as
     the original makes; an encoder such as BERT makes none).
     Training calls keep running without a cache."""
-    names = _forward_names(region_base(type(region)).forward)
+    names = forward_names(region_base(type(region)).forward)
     kwargs = {**dict(zip(names, args)), **kwargs}
     found = [(name, value) for name, value in kwargs.items() if is_cache(value)]
     config = getattr(region, "config", None)

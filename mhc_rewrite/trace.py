@@ -8,6 +8,7 @@ graph also gets fake values (``node.meta["val"]``), i.e. the shapes and dtypes o
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from contextlib import contextmanager
@@ -36,11 +37,23 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+def forward_names(forward) -> tuple[str, ...]:
+    """The parameter names of ``forward`` (a function or a bound method), ``self`` left out. Read at every call of a
+    converted model, so cached per function (inspect is slow; a bound method is cached by its function, never by the
+    instance)."""
+    return _parameter_names(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=64)
+def _parameter_names(function) -> tuple[str, ...]:
+    return tuple(name for name in inspect.signature(function).parameters if name != "self")
+
+
 def without_cache(forward, args: tuple, kwargs: dict, *, keywords: bool = False) -> tuple[tuple, dict]:
     """``(args, kwargs)`` of a call of ``forward`` with ``use_cache=False`` where it takes that argument: a key-value
     cache is mutated in place by attention and cannot cross a traced graph. The positional arguments become
     keywords when one is given at or after ``use_cache``, or always with ``keywords=True``."""
-    names = [name for name in inspect.signature(forward).parameters if name != "self"]
+    names = forward_names(forward)
     if "use_cache" not in names:
         return args, kwargs
     if keywords or names.index("use_cache") < len(args):
