@@ -28,7 +28,7 @@ def main():
         try:
             fwd = ms(lambda: fused_pre_mix_fwd(X, phi, alpha, bias, None, n, 20, "mhc", block_t, block_c, warps))
             bwd = ms(lambda: fused_pre_mix_bwd(X, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, "mhc",
-                                               block_t, block_c, warps))
+                                               block_t=block_t, block_c=block_c, num_warps=warps))
             print(f"{block_t:>8}{block_c:>8}{warps:>6}{fwd:>10.3f}{bwd:>10.3f}", flush=True)
         except Exception as exc:  # too large for shared memory or registers
             print(f"{block_t:>8}{block_c:>8}{warps:>6}  failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)

@@ -131,6 +131,7 @@ def _fused_pre_mix_fwd(
 # (the steps' Y are recomputed and kept in a global scratch row per token). hc: g_logits = g, dz = g·a·(1-tanh²).
 # With dz = g_logits·gain and u = vec(x) @ phi, z = u / r, r = sqrt(mean(x²) + eps) over D = n·C entries:
 #     du = dz / r,   dr = -sum_k dz_k z_k / r,   dx = du @ phiᵀ + dr·x / (D·r) + H_pre[i]·dy     (pass 2)
+# (+ ACC, the streams' gradient from the site's post-mix when the lowering links them: stored once, see ops/fused.py)
 # d_phi = vec(X)ᵀ @ du, d_bias = sum_t g_logits and d_alpha = segment sums of g_logits·z are reductions over
 # tokens, left to torch (the kernel writes du, g_logits, g_logits·z per token).
 @triton.jit
@@ -139,12 +140,13 @@ def _fused_pre_mix_bwd(
     HPRE,  # [T, N] float32, saved by the forward
     DY,  # [T, C] gradient of the block input
     DHPRE, DHPOST, DHRES,  # [T, N], [T, N], [T, N*N] gradients of the coefficients (float32)
+    ACC,  # [T, N, C] a gradient of X from elsewhere, added to dx when ACCUMULATE (any float dtype)
     DX,  # [T, N, C] out, X's dtype
     DU, DLOGITS, DGAIN,  # [T, M] out, float32
     SCRATCH,  # [T, 2*ITERS, MP] float32 workspace
     T, C, EPS: tl.constexpr,
     N: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr, MODE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     M: tl.constexpr = N * N + 2 * N
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -224,6 +226,8 @@ def _fused_pre_mix_bwd(
         phi_t = tl.load(PHI + rows[None, :] * M + k[:, None], mask=rmask[None, :] & kmask[:, None], other=0.0)
         dx = tl.reshape(tl.dot(du, phi_t, input_precision="ieee"), [BLOCK_T, NP, BLOCK_C])
         dx += dr_per_entry[:, None, None] * x / rms[:, None, None] + h_pre[:, :, None] * dy[:, None, :]
+        if ACCUMULATE:
+            dx += tl.load(ACC + offs, mask=xmask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=xmask)
 
 
@@ -280,8 +284,12 @@ def fused_pre_mix_fwd(streams, phi, alpha, bias, h_pre_static, n, iters, mode, b
 
 
 def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, d_h_res, n, iters, mode,
-                      block_t=BLOCK_T, block_c=BLOCK_C, num_warps=4):
-    """Launch the backward of the dynamic fused op; returns ``(d_streams, d_phi, d_alpha, d_bias)``."""
+                      grad_acc=None, block_t=BLOCK_T, block_c=BLOCK_C, num_warps=4):
+    """Launch the backward of the dynamic fused op; returns ``(d_streams, d_phi, d_alpha, d_bias)``.
+
+    ``grad_acc``: optional ``[..., n, C]`` gradient of the streams from elsewhere (the site's post-mix), any float
+    dtype, added to ``d_streams`` in float32 before its one store (as ``pre_split_backward.pre_mix_split_bwd``).
+    """
     lead, C = streams.shape[:-2], streams.shape[-1]
     x = streams.reshape(-1, n, C).contiguous()
     T, M = x.shape[0], n * n + 2 * n
@@ -292,14 +300,15 @@ def fused_pre_mix_bwd(streams, phi, alpha, bias, h_pre, d_y, d_h_pre, d_h_post, 
         return torch.zeros((T, width), **f32) if g is None else g.reshape(T, width).float().contiguous()
 
     d_x = torch.empty_like(x)
+    acc = grad_acc.reshape(T, n, C).contiguous() if grad_acc is not None else x
     du, d_logits, d_gain = (torch.empty((T, M), **f32) for _ in range(3))
     scratch = torch.empty((T, 2 * iters, _mp(n)), **f32) if mode == "mhc" else du
     grid = (triton.cdiv(T, block_t),)
     wrap_triton(_fused_pre_mix_bwd)[grid](
         x, phi, alpha.float().contiguous(), bias.float().contiguous(), rows(h_pre, n), d_y.reshape(T, C).contiguous(),
-        rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n), d_x, du, d_logits, d_gain, scratch, T, C,
+        rows(d_h_pre, n), rows(d_h_post, n), rows(d_h_res, n * n), acc, d_x, du, d_logits, d_gain, scratch, T, C,
         EPS=RMS_EPS, N=n, NP=triton.next_power_of_2(n), MP=_mp(n), ITERS=iters, MODE=0 if mode == "mhc" else 1,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps)
+        ACCUMULATE=grad_acc is not None, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=num_warps)
     d_phi = x.reshape(T, n * C).float().T @ du
     d_alpha = torch.stack([part.sum() for part in d_gain.split([n, n, n * n], dim=1)])
     d_bias = d_logits.sum(0)

@@ -1,7 +1,11 @@
 """Pass: lower the reference mHC ops of a rewritten graph to the fused ``triton_op``s, by pattern.
 
     coefficients(X, phi, alpha, bias, ...) + pre_mix(X, h_pre)   ->  fused_pre_mix(X, phi, alpha, bias, ...)
-    post_res_mix(X, f, h_post, h_res)                            ->  fused_post_res_mix(X, f, h_post, h_res)
+    post_res_mix(X, f, h_post, h_res)                            ->  fused_post_res_mix(X, f, h_post, h_res, link)
+
+``link`` is the ``fused_pre_mix`` output of the pre-mix that reads the same ``X`` (the site's own): through it the
+streams' gradient is written once per site instead of summed by autograd (``ops/fused.py``). A post-mix whose
+streams no fused pre-mix reads before it (a static site) gets no link.
 
 The patterns are replaced with ``torch.fx.subgraph_rewriter.replace_pattern_with_filters``. Only dynamic sites
 fuse the coefficients (a static site's ``coefficients`` reads no streams: its first argument is None, and a filter
@@ -75,6 +79,29 @@ def _resolve_packets(graph: fx.Graph) -> None:
             node.target = node.target.default
 
 
+def _link_streams(graph: fx.Graph) -> int:
+    """Hand each fused post-mix the ``link`` of the earlier fused pre-mix of the same streams; returns how many."""
+    pre_of: dict[fx.Node, fx.Node] = {}
+    linked = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is mhc.fused_pre_mix.default:
+            pre_of.setdefault(node.args[0], node)
+        elif node.target is mhc.fused_post_res_mix.default and len(node.args) == 4 and node.args[0] in pre_of:
+            pre = pre_of[node.args[0]]
+            with graph.inserting_after(pre):
+                link = graph.call_function(operator.getitem, (pre, 4))
+            for key in ("nn_module_stack", "mhc", "stack_trace"):
+                if key in pre.meta:
+                    link.meta[key] = pre.meta[key]
+            if isinstance(pre.meta.get("val"), (tuple, list)):
+                link.meta["val"] = pre.meta["val"][4]
+            node.args = (*node.args, link)
+            linked += 1
+    return linked
+
+
 def _annotate(graph: fx.Graph, replaced: list, fake_mode) -> None:
     """Give the new nodes the provenance of the nodes they replace and, in graph order, fake values."""
     new: dict[fx.Node, fx.Node] = {}  # new node -> the original node its pattern's anchor matched
@@ -114,6 +141,7 @@ def lower_fused(gm: fx.GraphModule) -> PassResult:
                                             ignore_literals=True, replacement_callback=_fused_pre_mix_graph)
     replaced += replace_pattern_with_filters(gm, _post_res_mix_pattern, _fused_post_res_mix)
     _annotate(gm.graph, replaced, fake_mode)
+    _link_streams(gm.graph)
     if replaced:
         gm.graph.eliminate_dead_code(is_impure_node=has_effects)
         gm.graph.lint()

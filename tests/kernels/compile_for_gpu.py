@@ -115,7 +115,8 @@ def sweep_one_pass():
         print(f"# n={n} one-pass num_warps={warps}", flush=True)
         fused_pre.fused_pre_mix_fwd(x, phi, alpha, bias, None, n, 20, "mhc", block_t, block_c, warps)
         fused_pre.fused_pre_mix_bwd(x, phi, alpha, bias, torch.rand(T, n), f, None, torch.rand(T, n),
-                                    torch.rand(T, n, n), n, 20, "mhc", block_t, block_c, warps)
+                                    torch.rand(T, n, n), n, 20, "mhc", block_t=block_t, block_c=block_c,
+                                    num_warps=warps)
 
 
 def sweep():

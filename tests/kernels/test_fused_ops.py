@@ -29,12 +29,21 @@ def test_opcheck():
 def test_gradcheck_of_the_reference_path_float64():
     streams, phi, alpha, bias = (t.double()[:1, :2].requires_grad_() if t.dim() == 4 else t.double().requires_grad_()
                                  for t in _inputs(C=3))
-    fused = lambda *a: mhc.fused_pre_mix(*a, 4, 10, "mhc")  # noqa: E731
+    fused = lambda *a: mhc.fused_pre_mix(*a, 4, 10, "mhc")[:4]  # noqa: E731  (the link is checked below)
     assert torch.autograd.gradcheck(fused, (streams, phi, alpha, bias), **GRADCHECK)
     branch = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
     h_post = torch.rand(1, 2, 4, dtype=torch.float64, requires_grad=True)
     h_res = torch.rand(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(mhc.fused_post_res_mix, (streams, branch, h_post, h_res), **GRADCHECK)
+
+    def linked_site(streams, phi, alpha, bias, weight):
+        """A site as the lowering leaves it: the post-mix takes the pre-mix's link (the value is a stand-in, not
+        read; only the pair's gradient means anything, and numerical differences of the pair check it)."""
+        y, _, h_post, h_res, link = mhc.fused_pre_mix(streams, phi, alpha, bias, 4, 10, "mhc")
+        return mhc.fused_post_res_mix(streams, torch.tanh(y * weight), h_post, h_res, link)
+
+    weight = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linked_site, (streams, phi, alpha, bias, weight), **GRADCHECK)
 
 
 @pytest.mark.parametrize("mode", ["mhc", "hc"])
@@ -42,7 +51,7 @@ def test_fused_pre_mix_equals_coefficients_then_pre_mix(mode):
     inputs = _inputs()
     a = [t.clone().requires_grad_() for t in inputs]
     b = [t.clone().requires_grad_() for t in inputs]
-    y, h_pre, h_post, h_res = mhc.fused_pre_mix(*a, 4, 20, mode)
+    y, h_pre, h_post, h_res, _ = mhc.fused_pre_mix(*a, 4, 20, mode)
     r_pre, r_post, r_res = mhc.coefficients(*b, 4, 20, mode)[:3]
     r_y = mhc.pre_mix(b[0], r_pre)
     for got, want in ((y, r_y), (h_pre, r_pre), (h_post, r_post), (h_res, r_res)):

@@ -28,8 +28,8 @@ def test_inductor_compiles_the_fused_kernels_into_its_code():
     X, f, phi, alpha, bias = _inputs()
 
     def block(X, f, phi, alpha, bias):
-        y, _, h_post, h_res = torch.ops.mhc.fused_pre_mix(X, phi, alpha, bias, 4, 20, "mhc")
-        return y, torch.ops.mhc.fused_post_res_mix(X, f, h_post, h_res)
+        y, _, h_post, h_res, link = torch.ops.mhc.fused_pre_mix(X, phi, alpha, bias, 4, 20, "mhc")
+        return y, torch.ops.mhc.fused_post_res_mix(X, f, h_post, h_res, link)
 
     # the conftest turns decomposition off for the CPU interpreter; on a GPU Inductor inlines the kernels (its default)
     with torch._functorch.config.patch(decompose_custom_triton_ops=True):

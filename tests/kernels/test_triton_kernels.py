@@ -70,6 +70,27 @@ def test_fused_pre_mix_forward_and_backward(lead, n, C, dtype, mode):
         assert_close(gt, wt, "coefficient_grads", msg=name)  # float32 whatever the stream dtype
 
 
+@pytest.mark.parametrize("lead,n,C,dtype", [(*SHAPES[0], torch.bfloat16), (*SHAPES[1], torch.float32),
+                                             (*SHAPES[3], torch.bfloat16)])
+def test_fused_pre_mix_backward_adds_the_post_mix_gradient(lead, n, C, dtype):
+    """``grad_acc`` (the site's post-mix gradient of the streams, handed over through the link, ops/fused.py) is
+    added in float32 before the one store of ``d_streams``: the float64 gradient plus the same tensor."""
+    streams, phi, alpha, bias = _dynamic_inputs(lead, n, C, dtype, seed=2)
+    y, h_pre, h_post, h_res = on_device(fused_pre_mix_fwd, streams, phi, alpha, bias, None, n, 20, "mhc", block_c=16)
+    ref_in = [t.double().requires_grad_() for t in (streams, phi, alpha, bias)]
+    r_pre, r_post, r_res = _paper_coefficients(ref_in, n, "mhc")
+    g = torch.Generator().manual_seed(4)
+    d_y = torch.randn(y.shape, generator=g).to(dtype)
+    d_post, d_res = torch.randn(h_post.shape, generator=g), torch.randn(h_res.shape, generator=g)
+    acc = torch.randn(streams.shape, generator=g).to(dtype)
+    (want,) = torch.autograd.grad((paper.pre_mix(ref_in[0], r_pre), r_post, r_res), ref_in[:1],
+                                  (d_y.double(), d_post.double(), d_res.double()))
+    got = on_device(fused_pre_mix_bwd, streams, phi, alpha, bias, h_pre, d_y, None, d_post, d_res, n, 20, "mhc",
+                    grad_acc=acc, block_c=16)[0]
+    assert got.dtype == dtype
+    assert_close(got, want + acc.double(), "streams", dtype)
+
+
 @pytest.mark.parametrize("lead,n,C", SHAPES[:2])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_static_pre_mix(lead, n, C, dtype):
