@@ -68,7 +68,8 @@ class _Compile:
             compiled = triton.compile(ASTSource(self.kernel, signature, constexprs=constexprs), target=TARGET,
                                       options={"num_warps": num_warps})
             shown = {k: v for k, v in constexprs.items()
-                     if k in ("N", "MODE", "DYNAMIC", "BLOCK_C", "BLOCK_M", "BLOCK_K", "BLOCK_T", "WITH_DY")}
+                     if k in ("N", "MODE", "DYNAMIC", "BLOCK_C", "BLOCK_M", "BLOCK_K", "BLOCK_T", "WITH_DY",
+                              "ACCUMULATE")}
             report = _ptxas_report(compiled.asm["ptx"], f"sm_{TARGET.arch}a") if RESOURCES else {}
             print(json.dumps({"kernel": self.kernel.__name__, **shown, "shared": compiled.metadata.shared,
                               **report, "dtype": str(args[0].dtype)}), flush=True)
@@ -90,9 +91,10 @@ def main():
         phi, alpha, bias = torch.randn(n * C, m), torch.randn(3), torch.randn(m)
         for mode in modes:
             fused_pre.fused_pre_mix_fwd(x, phi, alpha, bias, None, n, 20, mode)
-            if n == 4:  # the backward at n=8 takes ~20 s to compile; its tile is the forward's
+            if n == 4:  # the backward at n=8 takes ~20 s to compile; its tile is the forward's. mhc: as the lowering
+                # runs it (the post-mix's gradient added through the link, ops/fused.py); hc: without a link
                 fused_pre.fused_pre_mix_bwd(x, phi, alpha, bias, torch.rand(T, n), f, None, torch.rand(T, n),
-                                            torch.rand(T, n, n), n, 20, mode)
+                                            torch.rand(T, n, n), n, 20, mode, grad_acc=x if mode == "mhc" else None)
         if n == 4:
             fused_pre.fused_pre_mix_fwd(x, None, None, None, torch.rand(n), n, 20, "mhc")
             post_res.post_res_mix_fwd(x, f, torch.rand(T, n), torch.rand(T, n, n))
@@ -101,7 +103,7 @@ def main():
             pre_split.pre_mix_split_fwd(x, phi, alpha, bias, n, 20, "mhc")
             if n == 4:
                 pre_split_backward.pre_mix_split_bwd(x, phi, alpha, bias, torch.rand(T, n), f, None, torch.rand(T, n),
-                                                     torch.rand(T, n, n), n, 20, "mhc")
+                                                     torch.rand(T, n, n), n, 20, "mhc", grad_acc=x)
 
 
 def sweep_one_pass():

@@ -35,6 +35,9 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     # one-pass: n=4 fwd+bwd in two modes, static fwd, post fwd+bwd; n=3 and n=8: fwd (9). Split pair: n=4 projection,
     # tail, backward projection, tail backward, dx/d_phi; n=8 projection and tail (7)
     assert len(kernels) == 16
+    # both pre-mix backward kernels as the lowering runs them: adding the post-mix's stream gradient (the link)
+    linked = {k["kernel"] for k in kernels if k.get("ACCUMULATE")}
+    assert linked == {"_fused_pre_mix_bwd", "_dx_dphi"}, linked
     for k in kernels:
         assert k["shared"] <= HOPPER_SHARED_BYTES, k
     # the split pair's default blocks (pre_split.default_blocks) and the post-mix backward's were chosen to spill
