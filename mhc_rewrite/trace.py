@@ -8,7 +8,6 @@ graph also gets fake values (``node.meta["val"]``), i.e. the shapes and dtypes o
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import logging
 from contextlib import contextmanager
@@ -40,13 +39,19 @@ def split_example_inputs(example_inputs: Any) -> tuple[tuple, dict]:
 def forward_names(forward) -> tuple[str, ...]:
     """The parameter names of ``forward`` (a function or a bound method), ``self`` left out. Read at every call of a
     converted model, so cached per function (inspect is slow; a bound method is cached by its function, never by the
-    instance)."""
-    return _parameter_names(getattr(forward, "__func__", forward))
+    instance). A plain dict, not ``functools.lru_cache``: Dynamo, tracing a converted model, warns at each compile
+    that it steps around an lru_cache wrapper, and reads a dict entry as a constant."""
+    function = getattr(forward, "__func__", forward)
+    names = _PARAMETER_NAMES.get(function)
+    if names is None:
+        if len(_PARAMETER_NAMES) >= 256:  # bounded, as the lru_cache was: functions made per instance cannot pile up
+            _PARAMETER_NAMES.clear()
+        names = _PARAMETER_NAMES[function] = tuple(name for name in inspect.signature(function).parameters
+                                                   if name != "self")
+    return names
 
 
-@functools.lru_cache(maxsize=64)
-def _parameter_names(function) -> tuple[str, ...]:
-    return tuple(name for name in inspect.signature(function).parameters if name != "self")
+_PARAMETER_NAMES: dict = {}  # function -> its parameter names (functions of model classes: a handful per process)
 
 
 def without_cache(forward, args: tuple, kwargs: dict, *, keywords: bool = False) -> tuple[tuple, dict]:
