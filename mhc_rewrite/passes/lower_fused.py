@@ -79,6 +79,9 @@ def _resolve_packets(graph: fx.Graph) -> None:
             node.target = node.target.default
 
 
+_PROVENANCE = ("nn_module_stack", "mhc", "stack_trace")  # node meta a new node takes from the one it stands for
+
+
 def _link_streams(graph: fx.Graph) -> int:
     """Hand each fused post-mix the ``link`` of the earlier fused pre-mix of the same streams; returns how many."""
     pre_of: dict[fx.Node, fx.Node] = {}
@@ -92,9 +95,7 @@ def _link_streams(graph: fx.Graph) -> int:
             pre = pre_of[node.args[0]]
             with graph.inserting_after(pre):
                 link = graph.call_function(operator.getitem, (pre, 4))
-            for key in ("nn_module_stack", "mhc", "stack_trace"):
-                if key in pre.meta:
-                    link.meta[key] = pre.meta[key]
+            link.meta.update({key: pre.meta[key] for key in _PROVENANCE if key in pre.meta})
             if isinstance(pre.meta.get("val"), (tuple, list)):
                 link.meta["val"] = pre.meta["val"][4]
             node.args = (*node.args, link)
@@ -110,7 +111,7 @@ def _annotate(graph: fx.Graph, replaced: list, fake_mode) -> None:
     for node in graph.nodes:
         if node not in new:
             continue
-        for key in ("nn_module_stack", "mhc", "stack_trace"):
+        for key in _PROVENANCE:
             if key in new[node].meta:
                 node.meta.setdefault(key, new[node].meta[key])
         if fake_mode is None:
@@ -141,12 +142,12 @@ def lower_fused(gm: fx.GraphModule) -> PassResult:
                                             ignore_literals=True, replacement_callback=_fused_pre_mix_graph)
     replaced += replace_pattern_with_filters(gm, _post_res_mix_pattern, _fused_post_res_mix)
     _annotate(gm.graph, replaced, fake_mode)
-    _link_streams(gm.graph)
-    if replaced:
+    modified = bool(replaced) | bool(_link_streams(gm.graph))  # a graph lowered without links gets them too
+    if modified:
         gm.graph.eliminate_dead_code(is_impure_node=has_effects)
         gm.graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(replaced))
+    return PassResult(gm, modified)
 
 
 class LowerFused(MHCPass):
