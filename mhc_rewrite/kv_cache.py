@@ -16,9 +16,16 @@ are per token), so the region keeps the cache out of the graph this way:
   by the unlifted export) is given to the graph as clones, so that the replayed ``update`` is the only write.
 
 The specialisation key holds the cache's layout: its classes, which tensors are present, and its plain attributes
-(``is_initialized``, a sliding layer's token count). Prefill (an empty cache) and decoding (a filled one) are two
-specialisations; a plain attribute that changes at every step (a sliding-window layer's ``cumulative_length``)
-makes every step its own.
+(``is_initialized``, a sliding window's size). Prefill (an empty cache) and decoding (a filled one) are two
+specialisations. A *counter*, a plain int attribute that the cache's own ``update`` changes (a sliding-window layer's
+``cumulative_length``, the tokens it has seen), would make every decoding step its own specialisation: a traced
+call learns the counters it saw change (:attr:`CachePlan.counters`), and from then on a counter holding 2 or more
+enters the graph as a symbolic int (``mhc_cache_counts``), not as a constant of the key. torch.export keeps the
+decisions the model's Python makes on it (a window filled or not) as the range of values the graph is valid for,
+which the region checks at every call (``specialisation.sizes_match``): a window that fills up costs a few traces
+(a ``DynamicCache``'s sliding layer: inside the window, the two steps at its edge where its slice to the last
+``window - 1`` tokens starts to cut, past it), not one per token. A counter holding 0 or 1 stays in the key (export would fix it to its value anyway), so a
+prefill graph traced before the counters were known keeps its key.
 
 Chosen over registering the cache classes as pytrees (``transformers.integrations.executorch``): that needs one
 flatten/unflatten per cache class, registered globally, and rebuilds the cache from its tensors alone (losing
@@ -35,6 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 
 CACHE_INPUT = "mhc_cache_tensors"  # the keyword under which a cache's tensors enter a traced graph
+COUNTS_INPUT = "mhc_cache_counts"  # the keyword of its counters (ints the graph takes as symbolic values)
 _PLAIN = (bool, int, float, str, type(None))
 _FROM_GRAPH = object()  # in a recorded update call: a tensor the graph returns
 
@@ -73,19 +81,28 @@ def _plain(value: Any) -> bool:
     return isinstance(value, _PLAIN)
 
 
-def cache_layout(cache: Any) -> tuple[Hashable, list[torch.Tensor]]:
-    """The cache's specialisation key and its tensors, in the order the traced graph takes them."""
-    layout, tensors = [], []
+def _counter(obj: Any, name: str, value: Any, counters: frozenset) -> bool:
+    """``obj.name`` enters the graph as a symbolic int: a learned counter holding 2 or more."""
+    return type(value) is int and value > 1 and (type(obj).__qualname__, name) in counters
+
+
+def cache_layout(cache: Any, counters: frozenset = frozenset()) -> tuple[Hashable, list[torch.Tensor], list[int]]:
+    """The cache's specialisation key, its tensors and its counters' values (see the module docstring), in the
+    order the traced graph takes them. ``counters``: ``(class qualname, attribute)`` of the known counters."""
+    layout, tensors, counts = [], [], []
     for path, obj in cache_parts(cache):
         fields = []
         for name, value in obj.__dict__.items():
             if isinstance(value, torch.Tensor):
                 fields.append((name, "tensor"))
                 tensors.append(value)
+            elif _counter(obj, name, value, counters):
+                fields.append((name, "count"))
+                counts.append(value)
             elif _plain(value):
                 fields.append((name, tuple(sorted(value.items())) if isinstance(value, dict) else value))
         layout.append((path, type(obj).__qualname__, tuple(fields)))
-    return tuple(layout), tensors
+    return tuple(layout), tensors, counts
 
 
 def _resolve(root: Any, path: tuple) -> Any:
@@ -95,16 +112,18 @@ def _resolve(root: Any, path: tuple) -> Any:
     return obj
 
 
-def _copy_tree(cache: Any, tensors: list) -> tuple[Any, list]:
-    """A copy of ``cache`` (its cache/layer objects, their lists and dicts copied) holding ``tensors`` in place of
-    its own, in :func:`cache_layout`'s order; returns the copy and its parts."""
-    feed = iter(tensors)
+def _copy_tree(cache: Any, tensors: list, counts: list, counters: frozenset) -> tuple[Any, list]:
+    """A copy of ``cache`` (its cache/layer objects, their lists and dicts copied) holding ``tensors`` and ``counts``
+    in place of its own tensors and counters, in :func:`cache_layout`'s order; returns the copy and its parts."""
+    feed, count_feed = iter(tensors), iter(counts)
     copies: dict[tuple, Any] = {}
     for path, original in cache_parts(cache):
         obj = copies[path] = copy.copy(original)
         for name, value in list(obj.__dict__.items()):
             if isinstance(value, torch.Tensor):
                 obj.__dict__[name] = next(feed)
+            elif _counter(original, name, value, counters):
+                obj.__dict__[name] = next(count_feed)
             elif isinstance(value, (dict, list, tuple)):
                 obj.__dict__[name] = list(value) if isinstance(value, tuple) else copy.copy(value)
         if path:
@@ -161,6 +180,7 @@ class CachePlan:
         self.output_key: Optional[str] = None  # where the region's output held the cache
         self.output_class: Optional[type] = None  # the region's output class (a ModelOutput), None for a tuple
         self.mutated: Optional[set[int]] = None  # cache tensors the graph writes into in place (set at first run)
+        self.counters: set[tuple[str, str]] = set()  # (class qualname, attribute): plain ints the call changed
 
     def record(self, recorder: UpdateRecorder, before: dict, parts: list) -> list:
         """Fill the plan from a traced call; returns the recorded calls' tensors (the graph's extra outputs)."""
@@ -174,6 +194,12 @@ class CachePlan:
         after = _plain_state(parts)
         self.assigned = {key: value for key, value in after.items() if before.get(key, object()) != value
                          and not _symbolic(value)}
+        self.counters = set()  # ints the call changed: to a new int, or (the prefill's) to a symbolic value
+        for path, obj in parts:
+            for name, value in obj.__dict__.items():
+                old = before.get((path, name))
+                if type(old) is int and (isinstance(value, torch.SymInt) or (type(value) is int and value != old)):
+                    self.counters.add((type(obj).__qualname__, name))
         return leaves_out
 
     def replay(self, cache: Any, tensors: list) -> None:
@@ -199,14 +225,14 @@ def _symbolic(value: Any) -> bool:
     return any(isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) for v in values)
 
 
-def traced_forward(forward, cache_name: str, cache: Any, plan: CachePlan):
-    """A forward for ``torch.export``: takes the cache's tensors as ``mhc_cache_tensors`` and the call's other
-    keywords, runs ``forward`` on a copy of ``cache`` holding them, and returns ``(output without the cache,
-    tensors of the recorded update calls)``. Fills ``plan`` as it runs."""
+def traced_forward(forward, cache_name: str, cache: Any, plan: CachePlan, counters: frozenset):
+    """A forward for ``torch.export``: takes the cache's tensors as ``mhc_cache_tensors``, its counters as
+    ``mhc_cache_counts`` and the call's other keywords, runs ``forward`` on a copy of ``cache`` holding them, and
+    returns ``(output without the cache, tensors of the recorded update calls)``. Fills ``plan`` as it runs."""
 
     def forward_with_cache(**kwargs):
-        tensors = kwargs.pop(CACHE_INPUT)
-        copied, parts = _copy_tree(cache, tensors)
+        tensors, counts = kwargs.pop(CACHE_INPUT), kwargs.pop(COUNTS_INPUT)
+        copied, parts = _copy_tree(cache, tensors, counts, counters)
         recorder = UpdateRecorder()
         recorder.watch(copied)
         before = _plain_state(parts)

@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
 from .errors import MHCRewriteError, TraceError
-from .kv_cache import CACHE_INPUT, CachePlan, cache_layout, is_cache, traced_forward
+from .kv_cache import CACHE_INPUT, COUNTS_INPUT, CachePlan, cache_layout, is_cache, traced_forward
 from .paths import absolute
 from .pipeline import lower as lower_graph
 from .pipeline import rewrite_call
@@ -67,6 +67,7 @@ class RegionState:
     skipped: list = field(default_factory=list)
     skipped_keys: set = field(default_factory=set)  # the site keys skipped at conversion: they stay skipped
     cacheless: set = field(default_factory=set)  # keys of calls with a cache that could not be traced with it
+    counters: frozenset = frozenset()  # (class, attribute) of the caches' counters seen so far (kv_cache.py)
     generates: bool = False  # the converted model generates (HF can_generate()): asked for a cache, it makes one
 
     def __getstate__(self):
@@ -162,8 +163,8 @@ def _cache_forward(region: nn.Module, kwargs: dict, cache):
     if cache is None:
         yield
         return
-    name, obj, plan = cache
-    forward = traced_forward(type(region).forward.__get__(region), name, obj, plan)
+    name, obj, plan, counters = cache
+    forward = traced_forward(type(region).forward.__get__(region), name, obj, plan, counters)
     forward.__signature__ = inspect.Signature(
         [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in kwargs])  # export binds by name
     region.__dict__["forward"] = forward
@@ -190,11 +191,12 @@ def _mutated_inputs(gm: fx.GraphModule, call: dict, tensors: list) -> set[int]:
 def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     """Run a call with a key-value cache: the graph of its specialisation (the cache's layout is part of the key),
     then the cache's own ``update`` calls replayed on ``cache`` (``kv_cache.py``)."""
-    layout, tensors = cache_layout(cache)
+    state = region_state(region)
+    layout, tensors, counts = cache_layout(cache, state.counters)
     call = {k: v for k, v in kwargs.items() if k != name}
     call[CACHE_INPUT] = tensors
-    state = region_state(region)
-    key = ("kv_cache", name, layout, call_key(region, (), call))
+    key = ("kv_cache", name, layout, call_key(region, (), call))  # the counters' values are not in the key
+    call[COUNTS_INPUT] = counts
     gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ()) if sizes_match(fixed, (), call)),
               None)
     if key in state.cacheless:
@@ -202,7 +204,7 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     if gm is None:
         plan = CachePlan()
         try:
-            gm = _build(region, (), call, key, (name, cache, plan))
+            gm = _build(region, (), call, key, (name, cache, plan, state.counters))
         except TraceError as exc:
             if cache.get_seq_length() != 0:
                 raise
@@ -211,6 +213,7 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
             state.cacheless.add(key)
             return _WITHOUT_CACHE
         gm.meta["mhc_kv_plan"] = plan
+        state.counters = state.counters | plan.counters
     state.last = gm
     plan = gm.meta["mhc_kv_plan"]
     if plan.mutated is None:
@@ -282,7 +285,7 @@ def _no_autocast():
 
 def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict, cache=None) -> fx.GraphModule:
     """Trace the region's original forward for this call and rewrite it with the region's mHC parameters.
-    ``cache``: ``(keyword, cache object, CachePlan)`` of a call with a key-value cache (``kv_cache.py``)."""
+    ``cache``: ``(keyword, cache object, CachePlan, known counters)`` of a call with a key-value cache (``kv_cache.py``)."""
     state = region_state(region)
     # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
     # the caller's autocast applies when the graph runs, not while it is traced.

@@ -14,8 +14,9 @@ model may decide on in Python:
   specialises size-1 dimensions) and whether they are contiguous;
 - which tensor inputs are the same object (``labels=input_ids`` is traced as one input).
 
-``torch.export`` may also fix a size it could not keep free; such sizes are read off the exported graph and
-checked at every call (:func:`static_sizes`, :func:`sizes_match`). Parameters and buffers replaced by
+``torch.export`` may also fix a size it could not keep free, and narrows a symbolic int input (a cache's token
+count, ``kv_cache.py``) to the range its guards allow; both are read off the exported graph and checked at every
+call (:func:`static_sizes`, :func:`sizes_match`). Parameters and buffers replaced by
 ``.to()``/``.half()``/``to_empty()`` clear the cache (the region's ``_apply``), so no graph holds a stale tensor.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Hashable
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
@@ -67,8 +69,10 @@ def call_key(region: nn.Module, args: tuple, kwargs: dict) -> Hashable:
     return (flags, grad_mode, arg_keys, kwarg_keys)
 
 
-def static_sizes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple[int, int, int], ...]:
-    """The sizes an exported graph fixed: ``(leaf index, dim, size)`` for every non-symbolic input dimension.
+def static_sizes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, ...]:
+    """What an exported graph fixed of its inputs: ``(leaf index, dim, size)`` for every non-symbolic tensor
+    dimension, and ``(leaf index, None, (low, high))`` for an int input it took as a symbolic value (a cache's
+    counter, ``kv_cache.py``): the range export's guards left it (``high`` None: unbounded).
 
     The unlifted module of ``torch.export`` takes its inputs flattened as ``pytree.tree_flatten((args, kwargs))``,
     one placeholder per leaf, in order; a dimension whose fake value is a plain int was specialised.
@@ -82,12 +86,25 @@ def static_sizes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple[i
         val = node.meta.get("val")
         if isinstance(leaf, torch.Tensor) and isinstance(val, torch.Tensor):
             fixed.extend((i, d, int(s)) for d, s in enumerate(val.shape) if isinstance(s, int))
+        elif isinstance(val, torch.SymInt):
+            bounds = val.node.shape_env.bound_sympy(val.node.expr)
+            high = int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else None
+            fixed.append((i, None, (int(bounds.lower), high)))
     return tuple(fixed)
 
 
-def sizes_match(fixed: tuple[tuple[int, int, int], ...], args: tuple, kwargs: dict) -> bool:
+def sizes_match(fixed: tuple[tuple, ...], args: tuple, kwargs: dict) -> bool:
     """True when the call's inputs have every size ``fixed`` (see :func:`static_sizes`) requires."""
     if not fixed:
         return True
     leaves = pytree.tree_leaves((args, kwargs))
-    return all(i < len(leaves) and leaves[i].shape[d] == s for i, d, s in fixed)
+    for i, d, size in fixed:
+        if i >= len(leaves):
+            return False
+        if d is None:
+            low, high = size
+            if not (isinstance(leaves[i], int) and low <= leaves[i] and (high is None or leaves[i] <= high)):
+                return False
+        elif leaves[i].shape[d] != size:
+            return False
+    return True

@@ -21,6 +21,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .kv_cache import COUNTS_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,28 @@ def caches_off(model: nn.Module):
 
 
 def _any_size(value):
-    """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary."""
+    """``dynamic_shapes`` entry letting torch.export decide which dims of an input may vary. It mirrors the input's
+    pytree (a list of a cache's tensors, empty for an empty cache; a ``ModelOutput`` of encoder states, whose entry
+    export wants as the list of its children) with, at each tensor, its dims of size other than 1 marked
+    ``Dim.AUTO`` (export specialises size 1 anyway)."""
     if isinstance(value, torch.Tensor):
-        return {dim: torch.export.Dim.AUTO for dim in range(value.dim()) if value.shape[dim] != 1}  # 1 stays 1
-    if isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value):  # a cache's tensors
-        return [_any_size(v) for v in value]
-    return None
+        return {dim: torch.export.Dim.AUTO for dim in range(value.dim()) if value.shape[dim] != 1}
+    if type(value) in (list, tuple):
+        return type(value)(_any_size(v) for v in value)
+    if type(value) is dict:
+        return {k: _any_size(v) for k, v in value.items()}
+    node = pytree.SUPPORTED_NODES.get(type(value))
+    if node is None:
+        return None
+    return [_any_size(child) for child in node.flatten_fn(value)[0]]
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     try:  # batch and sequence sizes stay free where the model allows it
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
         dynamic_shapes = {name: _any_size(value) for name, value in bound.items()}
+        if COUNTS_INPUT in bound:  # a cache's counters: symbolic ints (kv_cache.py)
+            dynamic_shapes[COUNTS_INPUT] = [torch.export.Dim.AUTO for _ in bound[COUNTS_INPUT]]
         program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         log.info("torch.export with free sizes failed (%s); exporting with the example sizes fixed", exc)

@@ -30,9 +30,9 @@ def llama(kv_heads=4):
     return transformers.LlamaForCausalLM(config)
 
 
-def mistral():  # a window of 4 tokens: the prompt (6) and the decoding steps run past it
+def mistral(window=4):  # a window of 4 tokens: the prompt (6) and the decoding steps run past it
     config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
                                         max_position_embeddings=128)
     return transformers.MistralForCausalLM(config)
 
@@ -44,9 +44,10 @@ def t5():
 
 
 MODELS = {"llama": llama, "llama_gqa": lambda: llama(kv_heads=2), "mistral_sliding": mistral, "t5": t5}
-# models whose decoding graph serves every length. Not: the sliding-window Mistral (its layers' token count is a plain
-# attribute of the cache, part of the key) and T5 (torch.export fixes the cached length: its relative position bias)
-FREE_LENGTH = ("llama", "llama_gqa")
+# models whose decoding graph serves every length. The sliding-window Mistral too: its layers' token count, a plain int
+# of the cache, enters the graph as a symbolic int (kv_cache.py's counters). Not T5: its first decoding step reads a
+# one-token self-attention cache, a size torch.export fixes, so a generate() traces three graphs
+FREE_LENGTH = ("llama", "llama_gqa", "mistral_sliding")
 
 
 def build(name):
@@ -105,6 +106,42 @@ def test_greedy_generate_gives_the_original_tokens(name):
         again = region_state(converted).traces
         converted.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
         assert region_state(converted).traces == again
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_a_sliding_window_that_fills_while_generating_takes_a_few_graphs_not_one_per_token(cache_implementation):
+    """A window of 12 tokens, a prompt of 6, 16 new tokens: the window's token count is a symbolic int whose range
+    each graph checks. A DynamicCache takes at most 5 graphs: prefill, inside the window, the two steps at its edge
+    (where the layer's slice to its last 11 tokens turns from a no-op into a cut, a decision torch.export fixes),
+    past it; a StaticCache 3. A longer generate then traces nothing."""
+    torch.manual_seed(0)
+    model = mistral(window=12).eval()
+    ids = torch.randint(3, VOCAB, (2, 6))
+    converted = mhc_rewrite.convert(model, n=4, example_inputs={"input_ids": ids})
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                  cache_implementation=cache_implementation)
+    want = model.generate(ids, **kwargs)
+    before = region_state(converted).traces
+    assert torch.equal(converted.generate(ids, **kwargs), want)
+    assert region_state(converted).traces - before <= (5 if cache_implementation is None else 3)
+    again = region_state(converted).traces
+    kwargs["max_new_tokens"] = 20
+    assert torch.equal(converted.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    assert region_state(converted).traces == again
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_another_prompt_length_reuses_the_graphs(name):
+    """The prefill graph keeps the prompt's length free (an empty cache's empty tensor list, and T5's encoder output,
+    a ModelOutput, once made torch.export fix every size), so a longer prompt traces nothing new."""
+    model, converted, ids = build(name)
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    converted.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    traces = region_state(converted).traces
+    longer = torch.randint(3, VOCAB, (2, 9))
+    want = model.generate(longer, attention_mask=torch.ones_like(longer), **kwargs)
+    assert torch.equal(converted.generate(longer, attention_mask=torch.ones_like(longer), **kwargs), want)
+    assert region_state(converted).traces == traces
 
 
 def test_generate_uses_the_cache():
