@@ -24,8 +24,8 @@ enters the graph as a symbolic int (``mhc_cache_counts``), not as a constant of 
 decisions the model's Python makes on it (a window filled or not) as the range of values the graph is valid for,
 which the region checks at every call (``specialisation.sizes_match``): a window that fills up costs a few traces
 (a ``DynamicCache``'s sliding layer: inside the window, the two steps at its edge where its slice to the last
-``window - 1`` tokens starts to cut, past it), not one per token. A counter holding 0 or 1 stays in the key (export would fix it to its value anyway), so a
-prefill graph traced before the counters were known keeps its key.
+``window - 1`` tokens starts to cut, past it), not one per token. A counter holding 0 or 1 stays in the key
+(export would fix it to its value anyway), so a prefill graph traced before the counters were known keeps its key.
 
 Chosen over registering the cache classes as pytrees (``transformers.integrations.executorch``): that needs one
 flatten/unflatten per cache class, registered globally, and rebuilds the cache from its tensors alone (losing

@@ -285,7 +285,8 @@ def _no_autocast():
 
 def _specialise(region: "ConvertedRegion", args: tuple, kwargs: dict, cache=None) -> fx.GraphModule:
     """Trace the region's original forward for this call and rewrite it with the region's mHC parameters.
-    ``cache``: ``(keyword, cache object, CachePlan, known counters)`` of a call with a key-value cache (``kv_cache.py``)."""
+    ``cache``: ``(keyword, cache object, CachePlan, known counters)`` of a call with a key-value cache
+    (``kv_cache.py``)."""
     state = region_state(region)
     # The caller's saved-tensor hooks (save_on_cpu, a byte counter) must not see the tracer's fake tensors, and
     # the caller's autocast applies when the graph runs, not while it is traced.
