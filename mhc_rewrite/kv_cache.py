@@ -44,6 +44,7 @@ import torch.utils._pytree as pytree
 CACHE_INPUT = "mhc_cache_tensors"  # the keyword under which a cache's tensors enter a traced graph
 COUNTS_INPUT = "mhc_cache_counts"  # the keyword of its counters (ints the graph takes as symbolic values)
 _PLAIN = (bool, int, float, str, type(None))
+_SEQUENCE = 2  # the sequence dimension of a cache's 4-d keys and values: [batch, heads, sequence, head_dim]
 _FROM_GRAPH = object()  # in a recorded update call: a tensor the graph returns
 
 
@@ -103,6 +104,26 @@ def cache_layout(cache: Any, counters: frozenset = frozenset()) -> tuple[Hashabl
                 fields.append((name, tuple(sorted(value.items())) if isinstance(value, dict) else value))
         layout.append((path, type(obj).__qualname__, tuple(fields)))
     return tuple(layout), tensors, counts
+
+
+def tensors_key(tensors: list[torch.Tensor]) -> Hashable:
+    """The cache tensors' part of the specialisation key: dtype, device, rank, contiguity and which sizes are 1, but
+    not whether the sequence holds one token (:func:`dynamic_shapes` keeps that size free even at 1)."""
+    return tuple((t.dtype, t.device.type, t.dim(), t.is_contiguous(),
+                  tuple(size == 1 for d, size in enumerate(t.shape) if not (t.dim() == 4 and d == _SEQUENCE)))
+                 for t in tensors)
+
+
+def dynamic_shapes(tensors: list[torch.Tensor], counts: list[int]) -> dict:
+    """torch.export's ``dynamic_shapes`` of a cache's inputs: every size of the tensors free but those that are 1,
+    except the sequence, free at one token too (the first decoding step of an encoder-decoder, or after a one-token
+    prompt, reads a one-token cache: fixed, it would be a graph of its own); the counters free.
+
+    A size that is 1 when traced stays free only where export treats sizes "size-obliviously" (as if not 1, the way
+    ``torch.onnx`` exports): the region exports a call with a cache so. No broadcast reads a cache's sequence."""
+    return {CACHE_INPUT: [{d: torch.export.Dim.AUTO for d in range(t.dim())
+                           if t.shape[d] != 1 or (t.dim() == 4 and d == _SEQUENCE)} for t in tensors],
+            COUNTS_INPUT: [torch.export.Dim.AUTO for _ in counts]}
 
 
 def _resolve(root: Any, path: tuple) -> Any:

@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .checkpointing import checkpoint_units, record_checkpoints
 from .config import MHCConfig
 from .errors import MHCRewriteError, TraceError
-from .kv_cache import CACHE_INPUT, COUNTS_INPUT, CachePlan, cache_layout, is_cache, traced_forward
+from .kv_cache import CACHE_INPUT, COUNTS_INPUT, CachePlan, cache_layout, is_cache, tensors_key, traced_forward
 from .paths import absolute
 from .pipeline import lower as lower_graph
 from .pipeline import rewrite_call
@@ -194,9 +194,9 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     state = region_state(region)
     layout, tensors, counts = cache_layout(cache, state.counters)
     call = {k: v for k, v in kwargs.items() if k != name}
-    call[CACHE_INPUT] = tensors
-    key = ("kv_cache", name, layout, call_key(region, (), call))  # the counters' values are not in the key
-    call[COUNTS_INPUT] = counts
+    # the key: the counters' values are not in it, nor whether the cached sequence holds one token (kv_cache.py)
+    key = ("kv_cache", name, layout, tensors_key(tensors), call_key(region, (), call))
+    call[CACHE_INPUT], call[COUNTS_INPUT] = tensors, counts
     gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ()) if sizes_match(fixed, (), call)),
               None)
     if key in state.cacheless:

@@ -7,6 +7,7 @@ graph also gets fake values (``node.meta["val"]``), i.e. the shapes and dtypes o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -16,12 +17,14 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
-from .kv_cache import COUNTS_INPUT
+from .kv_cache import CACHE_INPUT, COUNTS_INPUT
+from .kv_cache import dynamic_shapes as cache_dynamic_shapes
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +110,12 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     try:  # batch and sequence sizes stay free where the model allows it
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
         dynamic_shapes = {name: _any_size(value) for name, value in bound.items()}
-        if COUNTS_INPUT in bound:  # a cache's counters: symbolic ints (kv_cache.py)
-            dynamic_shapes[COUNTS_INPUT] = [torch.export.Dim.AUTO for _ in bound[COUNTS_INPUT]]
-        program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        oblivious = contextlib.nullcontext()
+        if CACHE_INPUT in bound:  # a call with a key-value cache (kv_cache.py)
+            dynamic_shapes.update(cache_dynamic_shapes(bound[CACHE_INPUT], bound[COUNTS_INPUT]))
+            oblivious = fx_config.patch(backed_size_oblivious=True)
+        with oblivious:
+            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:
         log.info("torch.export with free sizes failed (%s); exporting with the example sizes fixed", exc)
         program = torch.export.export(model, args, kwargs, strict=False)

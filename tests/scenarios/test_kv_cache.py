@@ -44,10 +44,9 @@ def t5():
 
 
 MODELS = {"llama": llama, "llama_gqa": lambda: llama(kv_heads=2), "mistral_sliding": mistral, "t5": t5}
-# models whose decoding graph serves every length. The sliding-window Mistral too: its layers' token count, a plain int
-# of the cache, enters the graph as a symbolic int (kv_cache.py's counters). Not T5: its first decoding step reads a
-# one-token self-attention cache, a size torch.export fixes, so a generate() traces three graphs
-FREE_LENGTH = ("llama", "llama_gqa", "mistral_sliding")
+# Every model's decoding graph serves every length. The sliding-window Mistral's token count, a plain int of the
+# cache, enters the graph as a symbolic int (kv_cache.py's counters); T5's first decoding step reads a one-token
+# self-attention cache, whose length the export keeps free (kv_cache.dynamic_shapes)
 
 
 def build(name):
@@ -89,8 +88,7 @@ def test_prefill_and_decode_steps_match_the_original(name):
             want_cache, got_cache = want.past_key_values, got.past_key_values
             assert rel_err(got.logits, want.logits) <= TOL, f"step {i}"
             assert_same_cache(got_cache, want_cache)
-    if name in FREE_LENGTH:
-        assert region_state(converted).traces <= 2
+    assert region_state(converted).traces <= 2  # one prefill, one decoding graph
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_gqa", "mistral_sliding", "t5"])
@@ -101,11 +99,11 @@ def test_greedy_generate_gives_the_original_tokens(name):
     before = region_state(converted).traces
     got = converted.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want)
-    if name in FREE_LENGTH:
-        assert region_state(converted).traces - before <= 2  # one prefill, one decoding graph, whatever the length
-        again = region_state(converted).traces
-        converted.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-        assert region_state(converted).traces == again
+    assert region_state(converted).traces - before <= 2  # one prefill, one decoding graph, whatever the length
+    again = region_state(converted).traces
+    assert torch.equal(converted.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False),
+                       model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    assert region_state(converted).traces == again
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
@@ -142,6 +140,19 @@ def test_another_prompt_length_reuses_the_graphs(name):
     want = model.generate(longer, attention_mask=torch.ones_like(longer), **kwargs)
     assert torch.equal(converted.generate(longer, attention_mask=torch.ones_like(longer), **kwargs), want)
     assert region_state(converted).traces == traces
+
+
+def test_a_one_token_prompt_decodes_with_the_graph_of_longer_ones():
+    """After a one-token prompt the first decoding step reads a one-token cache: the decoding graph traced from a
+    six-token prompt serves it (the cached length is free at 1 too); only the one-token prefill is new."""
+    model, converted, ids = build("llama")
+    kwargs = dict(max_new_tokens=5, do_sample=False)
+    converted.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    traces = region_state(converted).traces
+    one = ids[:, :1]
+    want = model.generate(one, attention_mask=torch.ones_like(one), **kwargs)
+    assert torch.equal(converted.generate(one, attention_mask=torch.ones_like(one), **kwargs), want)
+    assert region_state(converted).traces == traces + 1
 
 
 def test_generate_uses_the_cache():
