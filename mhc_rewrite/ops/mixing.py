@@ -16,6 +16,7 @@ Mixing accumulates in the coefficients' dtype and returns the stream's dtype.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .sinkhorn import compute_dtype
 
@@ -131,6 +132,8 @@ def post_res_mix_ref(
     """Pure-PyTorch ``X'[..., i, c] = sum_j h_res[..., i, j] X[..., j, c] + h_post[..., i] f[..., c]``."""
     acc = compute_dtype(streams.dtype)
     out = torch.matmul(_per_token(h_res.to(acc), streams), streams.to(acc))
+    if is_fake(out):  # addcmul's meta fails on symbolic sizes (torch 2.13: a lowered graph's fake pass logged it)
+        return (out + h_post.to(acc).unsqueeze(-1) * branch.to(acc).unsqueeze(-2)).to(streams.dtype)
     out.addcmul_(h_post.to(acc).unsqueeze(-1), branch.to(acc).unsqueeze(-2))  # in place: no second [.., n, C]
     return out.to(streams.dtype)
 

@@ -75,3 +75,26 @@ def test_opcheck():
     torch.library.opcheck(mhc.post_res_mix.default, (X, f, h_post, h_res))
     torch.library.opcheck(mhc.expand_streams.default, (f, 4))
     torch.library.opcheck(mhc.reduce_streams.default, (X,))
+
+
+def test_the_reference_post_mix_runs_on_symbolic_sizes():
+    """The fused post-mix's fake pass runs its reference on fake tensors; with symbolic batch and sequence sizes (a
+    lowered decoding graph) torch 2.13's ``addcmul`` meta raised. The fake result has the real result's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from mhc_rewrite.ops.mixing import post_res_mix_ref
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    real = _inputs((2, 5), 4, 8, dtype=torch.float32)
+
+    def symbolic(t):  # the two leading sizes symbolic
+        sizes = [DimDynamic.DYNAMIC if d < 2 else DimDynamic.STATIC for d in range(t.dim())]
+        return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    fakes = [symbolic(t) for t in real]
+    with mode:
+        out = post_res_mix_ref(*fakes)
+    assert not isinstance(out.shape[0], int)  # the sizes stayed symbolic
+    want = post_res_mix_ref(*real)
+    assert tuple(int(s) for s in out.shape) == tuple(want.shape) and out.dtype == want.dtype

@@ -191,6 +191,27 @@ def test_a_cache_filled_by_the_original_continues_in_the_converted_model(name):
     assert_same_cache(shared, filled)
 
 
+def test_a_lowered_model_decodes_like_the_original():
+    """``mhc_rewrite.lower``: the decoding graphs run the fused Triton ops (here the CPU interpreter, tests/conftest.py)
+    on one token at a time; prefill and decoding steps give the original's logits, generate its tokens."""
+    model, converted, ids = build("llama")
+    mhc_rewrite.lower(converted)
+    torch.manual_seed(1)
+    steps = [ids] + [torch.randint(3, VOCAB, (2, 1)) for _ in range(2)]
+    want_cache = got_cache = None
+    with torch.no_grad():
+        for i, step in enumerate(steps):
+            want = model(**step_inputs("llama", ids, step, want_cache))
+            got = converted(**step_inputs("llama", ids, step, got_cache))
+            want_cache, got_cache = want.past_key_values, got.past_key_values
+            assert rel_err(got.logits, want.logits) <= TOL, f"step {i}"
+    graph = region_state(converted).last
+    assert any("fused" in str(node.target) for node in graph.graph.nodes)  # the decoding graph is the lowered one
+    mask = torch.ones_like(ids)
+    assert torch.equal(converted.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                       model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
+
+
 def test_training_calls_are_unchanged():
     model, converted, ids = build("llama")
     model.train(), converted.train()
