@@ -46,7 +46,7 @@ from .paths import absolute
 from .pipeline import lower as lower_graph
 from .pipeline import rewrite_call
 from .sharding import unit_hooks_off, units_gathered
-from .specialisation import call_key, sizes_match, static_sizes
+from .specialisation import call_key, guards_hold, sizes_match, static_sizes
 from .trace import flatten_inputs, forward_names, trace_call, without_cache
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,8 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     # the key: the counters' values are not in it, nor whether the cached sequence holds one token (kv_cache.py)
     key = ("kv_cache", name, layout, tensors_key(tensors), call_key(region, (), call))
     call[CACHE_INPUT], call[COUNTS_INPUT] = tensors, counts
-    gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ()) if sizes_match(fixed, (), call)),
-              None)
+    gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ())
+               if sizes_match(fixed, (), call) and guards_hold(g, (), call)), None)
     if key in state.cacheless:
         return _WITHOUT_CACHE
     if gm is None:
@@ -250,7 +250,7 @@ class ConvertedRegion(nn.Module):
         # `in` and `[]`, not dict.get: Dynamo of torch 2.11 cannot trace dict.get here, breaks the graph and recompiles
         # the rest at every step (seen on a GPU machine whose torch was 2.11)
         for fixed, gm in state.graphs[key] if key in state.graphs else ():
-            if sizes_match(fixed, args, kwargs):
+            if sizes_match(fixed, args, kwargs) and guards_hold(gm, args, kwargs):
                 state.last = gm
                 return gm
         return _build(self, args, kwargs)  # under torch.compile: a graph break, then the new graph is traced

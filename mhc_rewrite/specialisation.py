@@ -16,7 +16,8 @@ model may decide on in Python:
 
 ``torch.export`` may also fix a size it could not keep free, and narrows a symbolic int input (a cache's token
 count, ``kv_cache.py``) to the range its guards allow; both are read off the exported graph and checked at every
-call (:func:`static_sizes`, :func:`sizes_match`). Parameters and buffers replaced by
+call (:func:`static_sizes`, :func:`sizes_match`), and so are the exported graph's own guards
+(:func:`guards_hold`). Parameters and buffers replaced by
 ``.to()``/``.half()``/``to_empty()`` clear the cache (the region's ``_apply``), so no graph holds a stale tensor.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Hashable
 
 import sympy
 import torch
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
@@ -72,7 +74,7 @@ def call_key(region: nn.Module, args: tuple, kwargs: dict) -> Hashable:
 def static_sizes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, ...]:
     """What an exported graph fixed of its inputs: ``(leaf index, dim, size)`` for every non-symbolic tensor
     dimension, and ``(leaf index, None, (low, high))`` for an int input it took as a symbolic value (a cache's
-    counter, ``kv_cache.py``): the range export's guards left it (``high`` None: unbounded).
+    counter, ``kv_cache.py``): the range export's guards left it (a bound None: unbounded).
 
     The unlifted module of ``torch.export`` takes its inputs flattened as ``pytree.tree_flatten((args, kwargs))``,
     one placeholder per leaf, in order; a dimension whose fake value is a plain int was specialised.
@@ -88,8 +90,8 @@ def static_sizes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[tuple, 
             fixed.extend((i, d, int(s)) for d, s in enumerate(val.shape) if isinstance(s, int))
         elif isinstance(val, torch.SymInt):
             bounds = val.node.shape_env.bound_sympy(val.node.expr)
-            high = int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else None
-            fixed.append((i, None, (int(bounds.lower), high)))
+            fixed.append((i, None, tuple(int(b) if isinstance(b, sympy.Integer) else None  # None: unbounded
+                                         for b in (bounds.lower, bounds.upper))))
     return tuple(fixed)
 
 
@@ -103,8 +105,25 @@ def sizes_match(fixed: tuple[tuple, ...], args: tuple, kwargs: dict) -> bool:
             return False
         if d is None:
             low, high = size
-            if not (isinstance(leaves[i], int) and low <= leaves[i] and (high is None or leaves[i] <= high)):
+            value = leaves[i]
+            if not (isinstance(value, int) and (low is None or low <= value) and (high is None or value <= high)):
                 return False
         elif leaves[i].shape[d] != size:
             return False
+    return True
+
+
+def guards_hold(gm: fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """True when an exported graph's own guards accept the call: torch.export's ``_guards_fn`` (the ranges of its
+    symbolic sizes and ints, and the relations between them, e.g. ``n != 4`` where a slice ``x[n - 4:]`` was traced as
+    not starting at 0), which the graph would otherwise raise on. Checked before the graph runs, so that a call
+    outside them traces again instead of failing; graphs without guards (symbolic traces) hold for every call their
+    key matches."""
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is None or getattr(gm, "_in_spec", None) is None:
+        return True
+    try:
+        guards(*fx_pytree.tree_flatten_spec((list(args), kwargs), gm._in_spec))
+    except AssertionError:
+        return False
     return True

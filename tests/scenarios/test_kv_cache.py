@@ -155,6 +155,28 @@ def test_a_one_token_prompt_decodes_with_the_graph_of_longer_ones():
     assert region_state(converted).traces == traces + 1
 
 
+def test_a_graph_runs_only_where_its_symbolic_int_was_traced_for():
+    """``static_sizes`` reads an int input's range off the exported graph (here ``n >= 4``, the branch the Python
+    took) for ``sizes_match``; ``guards_hold`` checks the graph's other guards (``n != 4``: the slice was traced as
+    not starting at 0). Where both hold, the graph computes what the module does; elsewhere the region re-traces."""
+    from mhc_rewrite.specialisation import guards_hold, sizes_match, static_sizes
+
+    class Window(torch.nn.Module):
+        def forward(self, x, n):
+            return x[:, n - 4:] * 2 if n >= 4 else x[:, :n] + 1
+
+    x = torch.randn(2, 10)
+    dims = {"x": {1: torch.export.Dim.AUTO}, "n": torch.export.Dim.AUTO}
+    gm = torch.export.export(Window(), (x, 6), dynamic_shapes=dims, strict=False).module()
+    fixed = static_sizes(gm, (x, 6), {})
+    assert (1, None, (4, None)) in fixed
+    for n in (5, 7, 10):
+        assert sizes_match(fixed, (x, n), {}) and guards_hold(gm, (x, n), {})
+        assert torch.equal(gm(x, n), Window()(x, n))
+    assert not sizes_match(fixed, (x, 3), {}) and not guards_hold(gm, (x, 3), {})
+    assert sizes_match(fixed, (x, 4), {}) and not guards_hold(gm, (x, 4), {})
+
+
 def test_generate_uses_the_cache():
     model, converted, ids = build("llama")
     mask = torch.ones_like(ids)
