@@ -10,8 +10,8 @@
 #   6. one summary, $OUT/results/gpu/<date>-<device>.json (mhc_bench.py --merge): the fields and each target
 #      with its limit scaled by the copy bandwidth of the same run; copy it into results/gpu/ and commit it.
 # Results go to $OUT (the device tool brings them back). Carry .whl (a liger-kernel wheel) for the Liger rows.
-# Stage limits (seconds; env TESTS_S, KERNELS_S, BLOCKS_S, E2E_S, DECODE_S) sum to 540: give the call timeout_s 560. Seen on a
-# cold H200 (2026-11-26): the tests took 39 s on one machine and over 55 s on another (Triton compiles per variant).
+# Stage limits (seconds; env TESTS_S, KERNELS_S, BLOCKS_S, E2E_S, DECODE_S) sum to 540: give the call timeout_s 560.
+# Seen on a cold H200 (2026-11-26): the tests took 39 s on one machine and over 55 s on another (Triton compiles per variant).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"

@@ -106,11 +106,16 @@ def cache_layout(cache: Any, counters: frozenset = frozenset()) -> tuple[Hashabl
     return tuple(layout), tensors, counts
 
 
+def _sequence(t: torch.Tensor, dim: int) -> bool:
+    """``dim`` is the sequence dimension of a cache's 4-d keys or values."""
+    return t.dim() == 4 and dim == _SEQUENCE
+
+
 def tensors_key(tensors: list[torch.Tensor]) -> Hashable:
     """The cache tensors' part of the specialisation key: dtype, device, rank, contiguity and which sizes are 1, but
     not whether the sequence holds one token (:func:`dynamic_shapes` keeps that size free even at 1)."""
     return tuple((t.dtype, t.device.type, t.dim(), t.is_contiguous(),
-                  tuple(size == 1 for d, size in enumerate(t.shape) if not (t.dim() == 4 and d == _SEQUENCE)))
+                  tuple(size == 1 for d, size in enumerate(t.shape) if not _sequence(t, d)))
                  for t in tensors)
 
 
@@ -122,7 +127,7 @@ def dynamic_shapes(tensors: list[torch.Tensor], counts: list[int]) -> dict:
     A size that is 1 when traced stays free only where export treats sizes "size-obliviously" (as if not 1, the way
     ``torch.onnx`` exports): the region exports a call with a cache so. No broadcast reads a cache's sequence."""
     return {CACHE_INPUT: [{d: torch.export.Dim.AUTO for d in range(t.dim())
-                           if t.shape[d] != 1 or (t.dim() == 4 and d == _SEQUENCE)} for t in tensors],
+                           if t.shape[d] != 1 or _sequence(t, d)} for t in tensors],
             COUNTS_INPUT: [torch.export.Dim.AUTO for _ in counts]}
 
 

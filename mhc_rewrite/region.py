@@ -188,6 +188,16 @@ def _mutated_inputs(gm: fx.GraphModule, call: dict, tensors: list) -> set[int]:
     return {index[id(leaf)] for leaf, node in zip(leaves, placeholders) if node in written and id(leaf) in index}
 
 
+def _known_graph(state: RegionState, key: Hashable, args: tuple, kwargs: dict) -> Optional[fx.GraphModule]:
+    """The graph traced for ``key`` whose fixed sizes and export guards accept this call, or None."""
+    # `in` and `[]`, not dict.get: Dynamo of torch 2.11 cannot trace dict.get here, breaks the graph and recompiles
+    # the rest at every step (seen on a GPU machine whose torch was 2.11)
+    for fixed, gm in state.graphs[key] if key in state.graphs else ():
+        if sizes_match(fixed, args, kwargs) and guards_hold(gm, args, kwargs):
+            return gm
+    return None
+
+
 def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     """Run a call with a key-value cache: the graph of its specialisation (the cache's layout is part of the key),
     then the cache's own ``update`` calls replayed on ``cache`` (``kv_cache.py``)."""
@@ -197,8 +207,7 @@ def _run_cached(region: "ConvertedRegion", kwargs: dict, name: str, cache):
     # the key: the counters' values are not in it, nor whether the cached sequence holds one token (kv_cache.py)
     key = ("kv_cache", name, layout, tensors_key(tensors), call_key(region, (), call))
     call[CACHE_INPUT], call[COUNTS_INPUT] = tensors, counts
-    gm = next((g for fixed, g in (state.graphs[key] if key in state.graphs else ())
-               if sizes_match(fixed, (), call) and guards_hold(g, (), call)), None)
+    gm = _known_graph(state, key, (), call)
     if key in state.cacheless:
         return _WITHOUT_CACHE
     if gm is None:
@@ -246,13 +255,10 @@ class ConvertedRegion(nn.Module):
 
     def _mhc_graph_for(self, args: tuple, kwargs: dict) -> fx.GraphModule:
         state = region_state(self)
-        key = call_key(self, args, kwargs)
-        # `in` and `[]`, not dict.get: Dynamo of torch 2.11 cannot trace dict.get here, breaks the graph and recompiles
-        # the rest at every step (seen on a GPU machine whose torch was 2.11)
-        for fixed, gm in state.graphs[key] if key in state.graphs else ():
-            if sizes_match(fixed, args, kwargs) and guards_hold(gm, args, kwargs):
-                state.last = gm
-                return gm
+        gm = _known_graph(state, call_key(self, args, kwargs), args, kwargs)
+        if gm is not None:
+            state.last = gm
+            return gm
         return _build(self, args, kwargs)  # under torch.compile: a graph break, then the new graph is traced
 
     def _apply(self, fn, recurse=True):
