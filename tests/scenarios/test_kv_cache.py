@@ -234,16 +234,37 @@ def test_a_lowered_model_decodes_like_the_original():
                        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False))
 
 
-def test_training_calls_are_unchanged():
-    model, converted, ids = build("llama")
+T5_TRAINS = pytest.mark.xfail(strict=True, reason=(
+    "known defect, found 2026-12-07 and not fixed: a converted T5's train-mode graph fails at its first call "
+    "(RuntimeError 'view size is not compatible with input tensor's size and stride'), on main before this test too"))
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=T5_TRAINS) if name == "t5" else name for name in MODELS])
+def test_a_trained_model_decodes_what_it_computes_without_the_cache(name):
+    """Every model here trains: in train mode (keyword inputs, ``labels=``) the loss is the original's, backward
+    reaches the mHC parameters and an SGD step (lr 0.1) moves them. Back in eval mode, the trained model's cached
+    decoding step gives the logits it computes from the whole sequence without a cache."""
+    model, converted, ids = build(name)
     model.train(), converted.train()
-    torch.manual_seed(2)
-    want = model(ids, labels=ids)
-    torch.manual_seed(2)
-    got = converted(ids, labels=ids)
+    inputs = {"input_ids": ids, "labels": ids}
+    want, got = model(**inputs), converted(**inputs)
     assert abs(got.loss.item() - want.loss.item()) <= TOL * abs(want.loss.item())
     got.loss.backward()
-    assert all(p.grad is not None for name, p in converted.named_parameters() if ".mhc." in name and "phi" in name)
+    mhc = {key: p for key, p in converted.named_parameters() if ".mhc." in key}
+    assert mhc and all(p.grad is not None for key, p in mhc.items() if "phi" in key)
+    before = {key: p.detach().clone() for key, p in mhc.items()}
+    torch.optim.SGD(converted.parameters(), lr=0.1).step()
+    assert any(not torch.equal(p, before[key]) for key, p in mhc.items())
+    converted.eval()
+    nxt = torch.randint(3, VOCAB, (2, 1))
+    with torch.no_grad():
+        prefix = ids[:, :3] if name == "t5" else ids
+        cache = converted(**step_inputs(name, ids, prefix, None)).past_key_values
+        cached = converted(**step_inputs(name, ids, nxt, cache)).logits[:, -1]
+        whole = torch.cat([prefix, nxt], dim=1)
+        full = {"input_ids": ids, "decoder_input_ids": whole} if name == "t5" else {"input_ids": whole}
+        uncached = converted(**full, use_cache=False).logits[:, -1]
+    assert rel_err(cached, uncached) <= TOL
 
 
 def test_static_cache_generate_gives_the_original_tokens():
